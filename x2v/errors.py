@@ -1,0 +1,13 @@
+"""Errors x2v raises for bad input. Each message names the file, what was expected, and the fix."""
+
+
+class X2VError(Exception):
+    """Base class for every error caused by the user's files or settings."""
+
+
+class CheckpointError(X2VError):
+    """A checkpoint file is missing, truncated, corrupt, or does not hold what was expected."""
+
+
+class UnsupportedModelError(X2VError):
+    """The checkpoint is recognized but x2v cannot run it (yet)."""

@@ -1,0 +1,84 @@
+"""Turn a module built on the meta device into a ready model by assigning checkpoint tensors.
+
+No weight is ever randomly initialized: the module is constructed under ``torch.device("meta")``
+and each parameter is replaced by the checkpoint tensor, cast once to its target dtype and device.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from x2v.errors import CheckpointError
+
+
+def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
+    with torch.device("meta"):
+        return factory()
+
+
+def key_pattern(key: str) -> str:
+    """``blocks.12.self_attn.q.weight`` -> ``blocks.N.self_attn.q.weight``, to summarize long key lists."""
+    return re.sub(r"\.\d+(?=\.|$)", ".N", key)
+
+
+def summarize_keys(keys: Iterable[str], limit: int = 12) -> str:
+    counts = Counter(key_pattern(k) for k in keys)
+    parts = [f"{p} (x{n})" if n > 1 else p for p, n in sorted(counts.items())]
+    more = f", ... and {len(parts) - limit} more patterns" if len(parts) > limit else ""
+    return ", ".join(parts[:limit]) + more
+
+
+def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
+    if not stored.is_floating_point:
+        return stored
+    if any(s in name for s in keep_fp32):
+        return torch.float32
+    return dtype
+
+
+def assign_weights(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    keep_fp32: tuple[str, ...] = (),
+    source: str = "checkpoint",
+    what: str = "model",
+) -> nn.Module:
+    """Assign ``tensors`` to the meta-device ``model``; every key must match by name and shape.
+
+    Parameters whose name contains one of ``keep_fp32`` are stored in float32 (norms, modulation,
+    time embedding: the official code computes them in float32); other floating tensors become ``dtype``.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {summarize_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarize_keys(unexpected)}")
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)}, {what} expects {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    if problems:
+        raise CheckpointError(f"{source}: does not fit the {what}:\n  " + "\n  ".join(problems))
+
+    device = torch.device(device)
+    ready = {}
+    for name in expected:
+        t = tensors[name]
+        ready[name] = t.to(device=device, dtype=target_dtype(name, t.dtype, dtype, keep_fp32))
+    model.load_state_dict(ready, strict=True, assign=True)
+    model.requires_grad_(False)
+    return model.eval()
