@@ -1,18 +1,22 @@
 """x2v: load and run the Wan2.1 / Wan2.2 video diffusion models."""
 
 from x2v.errors import CheckpointError, UnsupportedModelError, X2VError
-from x2v.loading.dit import load_dit
-from x2v.loading.image_encoder import load_image_encoder
-from x2v.loading.text_encoder import load_text_encoder, load_tokenizer
-from x2v.loading.vae import load_vae
 
-__all__ = [
-    "CheckpointError",
-    "UnsupportedModelError",
-    "X2VError",
-    "load_dit",
-    "load_image_encoder",
-    "load_text_encoder",
-    "load_tokenizer",
-    "load_vae",
-]
+# Public loaders, imported on first use so `import x2v` (and the CLI) starts fast.
+_LAZY = {
+    "load_dit": "x2v.loading.dit",
+    "load_text_encoder": "x2v.loading.text_encoder",
+    "load_tokenizer": "x2v.loading.text_encoder",
+    "load_image_encoder": "x2v.loading.image_encoder",
+    "load_vae": "x2v.loading.vae",
+}
+
+__all__ = ["CheckpointError", "UnsupportedModelError", "X2VError", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'x2v' has no attribute {name!r}")

@@ -1,0 +1,206 @@
+"""DiT key layouts and architecture detection, as tables and pure functions.
+
+Official (and LightX2V) names are x2v's own; ComfyUI prefixes and diffusers names are mapped to them.
+The architecture is read from tensor shapes, so no ``config.json`` is needed.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from x2v.errors import CheckpointError, UnsupportedModelError
+from x2v.models.wan_dit import WanDiTConfig
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+# diffusers name fragment -> official name fragment, applied to whole dotted components.
+_DIFFUSERS_BLOCK_RENAMES = [
+    ("scale_shift_table", "modulation"),
+    ("attn1.to_q.", "self_attn.q."),
+    ("attn1.to_k.", "self_attn.k."),
+    ("attn1.to_v.", "self_attn.v."),
+    ("attn1.to_out.0.", "self_attn.o."),
+    ("attn1.norm_q.", "self_attn.norm_q."),
+    ("attn1.norm_k.", "self_attn.norm_k."),
+    ("attn2.to_q.", "cross_attn.q."),
+    ("attn2.to_k.", "cross_attn.k."),
+    ("attn2.to_v.", "cross_attn.v."),
+    ("attn2.to_out.0.", "cross_attn.o."),
+    ("attn2.norm_q.", "cross_attn.norm_q."),
+    ("attn2.norm_k.", "cross_attn.norm_k."),
+    ("attn2.add_k_proj.", "cross_attn.k_img."),
+    ("attn2.add_v_proj.", "cross_attn.v_img."),
+    ("attn2.norm_added_k.", "cross_attn.norm_k_img."),
+    ("norm2.", "norm3."),  # diffusers' norm2 is the affine cross-attention norm, officially norm3
+    ("ffn.net.0.proj.", "ffn.0."),
+    ("ffn.net.2.", "ffn.2."),
+    ("proj_in.", "before_proj."),  # VACE
+    ("proj_out.", "after_proj."),  # VACE
+]
+
+_DIFFUSERS_TOP_RENAMES = {
+    "condition_embedder.text_embedder.linear_1.": "text_embedding.0.",
+    "condition_embedder.text_embedder.linear_2.": "text_embedding.2.",
+    "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
+    "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",
+    "condition_embedder.time_proj.": "time_projection.1.",
+    "condition_embedder.image_embedder.norm1.": "img_emb.proj.0.",
+    "condition_embedder.image_embedder.ff.net.0.proj.": "img_emb.proj.1.",
+    "condition_embedder.image_embedder.ff.net.2.": "img_emb.proj.3.",
+    "condition_embedder.image_embedder.norm2.": "img_emb.proj.4.",
+    "condition_embedder.image_embedder.pos_embed": "img_emb.emb_pos",
+    "proj_out.": "head.head.",
+    "scale_shift_table": "head.modulation",
+}
+
+
+def strip_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove a ComfyUI/LightX2V ``model.diffusion_model.`` / ``diffusion_model.`` prefix."""
+    for prefix in PREFIXES:
+        if any(k.startswith(prefix) for k in tensors):
+            return {k.removeprefix(prefix): v for k, v in tensors.items()}
+    return tensors
+
+
+def is_diffusers_layout(keys) -> bool:
+    return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in keys)
+
+
+def diffusers_key_to_official(key: str) -> str:
+    block = re.match(r"^((?:vace_)?blocks\.\d+\.)(.*)$", key)
+    if block:
+        prefix, rest = block.groups()
+        for src, dst in _DIFFUSERS_BLOCK_RENAMES:
+            if rest.startswith(src):
+                return prefix + dst + rest[len(src):]
+        return key
+    for src, dst in _DIFFUSERS_TOP_RENAMES.items():
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def official_key_to_diffusers(key: str) -> str:
+    block = re.match(r"^((?:vace_)?blocks\.\d+\.)(.*)$", key)
+    if block:
+        prefix, rest = block.groups()
+        for dst, src in _DIFFUSERS_BLOCK_RENAMES:
+            if rest.startswith(src):
+                return prefix + dst + rest[len(src):]
+        return key
+    for dst, src in _DIFFUSERS_TOP_RENAMES.items():
+        if key.startswith(src):
+            return dst + key[len(src):]
+    return key
+
+
+def to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Any supported DiT key layout -> official names (tensors are not copied)."""
+    tensors = strip_prefix(tensors)
+    if is_diffusers_layout(tensors):
+        tensors = {diffusers_key_to_official(k): v for k, v in tensors.items()}
+    return tensors
+
+
+def _indices(keys, prefix: str) -> list[int]:
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.")
+    return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
+
+
+def infer_dit_config(tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> WanDiTConfig:
+    """Architecture and model type of an official-named DiT state dict, from tensor shapes alone."""
+    keys = tensors.keys()
+    if "motion_encoder.dec.direction.weight" in keys or any(k.startswith("face_adapter.") for k in keys):
+        raise UnsupportedModelError(
+            f"{source}: this is a Wan2.2-Animate-14B DiT (motion encoder / face adapter keys). "
+            "Animate is not supported yet by x2v."
+        )
+    if "head.modulation" not in keys or "patch_embedding.weight" not in keys:
+        raise CheckpointError(
+            f"{source}: not a Wan DiT checkpoint (no head.modulation / patch_embedding.weight). "
+            "Point x2v at the diffusion model file(s), not the T5, CLIP or VAE file."
+        )
+    dim, in_dim = tensors["patch_embedding.weight"].shape[:2]
+    patch_size = tuple(tensors["patch_embedding.weight"].shape[2:])
+    layers = _indices(keys, "blocks.")
+    if not layers:
+        raise CheckpointError(f"{source}: a Wan DiT without any blocks.N tensors; the file is incomplete.")
+    head_rows = tensors["head.head.weight"].shape[0]
+    image_branch = "blocks.0.cross_attn.k_img.weight" in keys
+    image_tokens = tensors["img_emb.emb_pos"].shape[1] if "img_emb.emb_pos" in keys else None
+    vace_blocks = _indices(keys, "vace_blocks.")
+    vace_layers: tuple[int, ...] = ()
+    if vace_blocks:
+        # Shipped VACE models place their hints evenly: every num_layers/len(vace) blocks, starting at 0.
+        step = len(layers) // len(vace_blocks)
+        vace_layers = tuple(range(0, len(layers), step))[: len(vace_blocks)]
+    out_dim = head_rows // (patch_size[0] * patch_size[1] * patch_size[2])
+    if vace_blocks:
+        model_type = "vace"
+    elif image_branch:
+        model_type = "flf2v" if "img_emb.emb_pos" in keys else "i2v"
+    elif in_dim == out_dim and in_dim == 48:
+        model_type = "ti2v"
+    elif in_dim > out_dim:
+        model_type = "i2v"  # Wan2.2 I2V-A14B: image latent on the channels, no CLIP
+    else:
+        model_type = "t2v"
+    return WanDiTConfig(
+        model_type=model_type,
+        in_dim=in_dim,
+        out_dim=out_dim,
+        dim=dim,
+        ffn_dim=tensors["blocks.0.ffn.0.weight"].shape[0],
+        num_heads=max(1, dim // 128),
+        num_layers=len(layers),
+        text_dim=tensors["text_embedding.0.weight"].shape[1],
+        freq_dim=tensors["time_embedding.0.weight"].shape[1],
+        patch_size=patch_size,
+        image_branch=image_branch,
+        image_dim=tensors["img_emb.proj.1.weight"].shape[1] if image_branch else 1280,
+        image_tokens=image_tokens,
+        vace_layers=vace_layers,
+        vace_in_dim=tensors["vace_patch_embedding.weight"].shape[1] if vace_blocks else 96,
+    )
+
+
+def variant_name(cfg: WanDiTConfig) -> str:
+    """Human name of the release a config looks like, e.g. 'Wan2.1 T2V-1.3B'."""
+    size = {1536: "1.3B", 3072: "5B", 5120: "14B"}.get(cfg.dim, f"dim {cfg.dim}")
+    if cfg.model_type == "ti2v":
+        return f"Wan2.2 TI2V-{size}"
+    if cfg.model_type == "i2v" and not cfg.image_branch:
+        return f"Wan2.2 I2V-A{size} expert"
+    return f"Wan2.1 {cfg.model_type.upper()}-{size}"
+
+
+def config_from_json(raw: dict, base: WanDiTConfig) -> WanDiTConfig:
+    """Overlay the architecture keys of an official ``config.json`` on a detected config."""
+    fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len", "freq_dim", "eps")
+    values = {f: raw[f] for f in fields if f in raw}
+    if raw.get("vace_layers"):
+        values["vace_layers"] = tuple(raw["vace_layers"])
+    return WanDiTConfig(**{**base.__dict__, **values})
+
+
+def check_config_json(raw: dict, detected: WanDiTConfig, source: str, json_path: str) -> WanDiTConfig:
+    """Use config.json as a cross-check of the weights: a contradiction is an error naming both variants."""
+    merged = config_from_json(raw, detected)
+    shape_fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "freq_dim")
+    clashes = [f"{f}: weights {getattr(detected, f)}, config.json {getattr(merged, f)}"
+               for f in shape_fields if getattr(detected, f) != getattr(merged, f)]
+    # Where the VACE hints go is not in the shapes, only how many there are.
+    if len(merged.vace_layers) != len(detected.vace_layers):
+        clashes.append(f"vace_layers: weights have {len(detected.vace_layers)} VACE blocks, "
+                       f"config.json lists {len(merged.vace_layers)}")
+    if clashes:
+        raise CheckpointError(
+            f"{source}: the weights are a {variant_name(detected)} DiT but {json_path} describes a "
+            f"{variant_name(merged)} ({'; '.join(clashes)}). Use the config.json that came with these weights, "
+            "or remove it (x2v reads the architecture from the weights)."
+        )
+    if merged.dim % merged.num_heads:
+        raise CheckpointError(f"{json_path}: num_heads {merged.num_heads} does not divide dim {merged.dim}.")
+    return merged
