@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import attention
-from x2v.ops.rope import apply_rope, rope_cos_sin
+from x2v.ops.rope import apply_rope, rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
 FP32_PARAMS = ("modulation", "norm", "time_embedding", "time_projection", "head.head", "img_emb.proj.0",
@@ -63,7 +63,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         # The official code rounds to the input dtype before the (float32) gain.
         return normed.to(x.dtype) * self.weight
 
@@ -96,10 +96,10 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(-1, heads), *rope)
-        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(-1, heads), *rope)
+        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(-1, heads), rope)
+        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(-1, heads), rope)
         v = linear(self.v, x).unflatten(-1, heads)
         out = attention(q.to(v.dtype), k.to(v.dtype), v)
         return linear(self.o, out.flatten(2))
@@ -154,11 +154,11 @@ class WanBlock(nn.Module):
     def forward(self, x, e0, text, image, rope) -> torch.Tensor:
         # e0: [B, 1 or L, 6, dim] float32; x: [B, L, dim] float32 residual stream.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
-        h = layer_norm(x, self.eps) * (1 + scale_sa) + shift_sa
-        x = x + self.self_attn(h, rope) * gate_sa
+        h = torch.addcmul(shift_sa, layer_norm(x, self.eps), 1 + scale_sa)
+        x = torch.addcmul(x, self.self_attn(h, rope), gate_sa)
         x = x + self.cross_attn(self.norm3(x), text, image)
-        h = layer_norm(x, self.eps) * (1 + scale_ff) + shift_ff
-        return x + self.ffn(h) * gate_ff
+        h = torch.addcmul(shift_ff, layer_norm(x, self.eps), 1 + scale_ff)
+        return torch.addcmul(x, self.ffn(h), gate_ff)
 
 
 class VaceBlock(WanBlock):
@@ -181,7 +181,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # Uses the time-MLP output e (not the projected e0), all in float32.
         shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
-        return linear(self.head, layer_norm(x, self.eps) * (1 + scale) + shift)
+        return linear(self.head, torch.addcmul(shift, layer_norm(x, self.eps), 1 + scale))
 
 
 class ImageProjection(nn.Module):
@@ -300,7 +300,7 @@ class WanDiT(nn.Module):
         e, e0 = self.embed_time(timestep, batch, tokens)
         text = self.embed_text(context)
         image = self.embed_image(clip_fea, batch)
-        rope = rope_cos_sin(grid, cfg.head_dim, hidden.device)
+        rope = rope_rotations(grid, cfg.head_dim, hidden.device)
 
         hints = self.vace_hints(vace_context, hidden, e0, text, image, rope) if vace_context is not None else {}
         for i, block in enumerate(self.blocks):

@@ -34,17 +34,13 @@ def _rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tor
     return angles.reshape(f * h * w, head_dim // 2)
 
 
-def rope_cos_sin(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
-    """cos and sin tables ``[L, 1, head_dim/2]`` in float32 (computed in float64 as the official code does)."""
+def rope_rotations(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
+    """Unit complex rotations ``[L, 1, head_dim/2]`` (complex64; angles computed in float64 as officially)."""
     angles = _rope_angles(tuple(grid), head_dim, theta)
-    return (
-        angles.cos().float().unsqueeze(1).to(device, non_blocking=True),
-        angles.sin().float().unsqueeze(1).to(device, non_blocking=True),
-    )
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(1).to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2j, 2j+1) of ``x`` ``[B, L, heads, d]``; returns float32."""
-    x = x.float().unflatten(-1, (-1, 2))
-    even, odd = x[..., 0], x[..., 1]
-    return torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent channel pairs (2j, 2j+1) of ``x`` ``[B, L, heads, d]`` as complex numbers; float32 out."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2)

@@ -1,0 +1,146 @@
+"""Time one DiT forward at real shapes, x2v next to diffusers' WanTransformer3DModel, same weights, same run.
+
+    python benchmarks/dit_step.py                      # 1.3B and 14B, 480P 81 frames (32,760 tokens), bf16
+    python benchmarks/dit_step.py --sizes tiny --device cpu --frames 5 --height 64 --width 64   # smoke test
+
+Weights are random (the timing does not depend on them). Both models share the same weight tensors
+(x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from x2v.formats.dit_keys import diffusers_key_to_official  # noqa: E402
+from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
+from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
+
+SIZES = {
+    "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
+    "1.3B": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "14B": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def diffusers_model(cfg: WanDiTConfig, dtype: torch.dtype, device: str):
+    """diffusers' model with random weights, made on meta and filled on the device (no slow CPU init)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        model = WanTransformer3DModel(
+            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
+            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
+            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+            eps=cfg.eps,
+        )
+    model = model.to_empty(device=device).to(dtype)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+        # As from_pretrained(torch_dtype=bf16) does: these modules stay in float32.
+        for name, p in model.named_parameters():
+            if any(part in name.split(".") for part in model._keep_in_fp32_modules):
+                p.data = p.data.float()
+    return model.eval()
+
+
+def x2v_model(cfg: WanDiTConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> WanDiT:
+    """x2v's model over the same tensors (renamed; only the small float32 ones are copied)."""
+    official = {diffusers_key_to_official(k): v for k, v in weights.items()}
+    model = build_on_meta(lambda: WanDiT(cfg))
+    return assign_weights(model, official, dtype=dtype, device=device, keep_fp32=FP32_PARAMS)
+
+
+def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int = 512) -> float:
+    d, f = cfg.dim, cfg.ffn_dim
+    per_block = (
+        2 * tokens * d * d * 4  # self-attention q, k, v, o
+        + 4 * tokens * tokens * d  # self-attention scores and weighted sum
+        + 2 * tokens * d * d * 2 + 2 * text_tokens * d * d * 2  # cross-attention projections
+        + 4 * tokens * text_tokens * d  # cross-attention
+        + 2 * tokens * d * f * 2  # FFN
+    )
+    return cfg.num_layers * per_block
+
+
+def timed(fn, warmup: int, iters: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=["1.3B", "14B"], choices=list(SIZES))
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--width", type=int, default=832)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    device = args.device
+
+    latent = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
+    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
+    print(f"input: {args.height}x{args.width}, {args.frames} frames -> latent {latent[1:]}, {tokens} tokens, {args.dtype}")
+    results = []
+    for size in args.sizes:
+        cfg = SIZES[size]
+        reference = diffusers_model(cfg, dtype, device)
+        ours = x2v_model(cfg, reference.state_dict(), dtype, device)
+        g = torch.Generator(device).manual_seed(1)
+        x = torch.randn(latent, generator=g, device=device, dtype=dtype)
+        context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
+        t = torch.tensor([900], device=device)
+
+        with torch.inference_mode():
+            ref_out = reference(x, t, context, return_dict=False)[0]
+            our_out = ours(x, t, context)
+            rel = ((our_out - ref_out.float()).norm() / ref_out.float().norm()).item()
+            del ref_out, our_out
+            t_ref = timed(lambda: reference(x, t, context, return_dict=False), args.warmup, args.iters, device)
+            t_ours = timed(lambda: ours(x, t, context), args.warmup, args.iters, device)
+        flops = forward_flops(cfg, tokens)
+        row = dict(size=size, tokens=tokens, dtype=args.dtype, diffusers_s=t_ref, x2v_s=t_ours,
+                   ratio=t_ours / t_ref, x2v_tflops=flops / t_ours / 1e12, rel_diff=rel)
+        if device.startswith("cuda"):
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        results.append(row)
+        print(f"{size:>5}: diffusers {t_ref:.3f} s | x2v {t_ours:.3f} s | ratio {t_ours / t_ref:.3f} | "
+              f"x2v {flops / t_ours / 1e12:.0f} TFLOP/s | rel. L2 diff {rel:.2e}", flush=True)
+        del reference, ours, x, context
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    assert all(math.isfinite(r["rel_diff"]) for r in results)
+
+
+if __name__ == "__main__":
+    main()
