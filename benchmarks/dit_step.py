@@ -89,6 +89,20 @@ def timed(fn, warmup: int, iters: int, device: str) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def profile(name: str, fn) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with torch_profile(activities=activities) as prof:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(f"--- {name}: top operators by self time")
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["1.3B", "14B"], choices=list(SIZES))
@@ -100,6 +114,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of one forward of each")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
@@ -125,6 +140,9 @@ def main() -> None:
             del ref_out, our_out
             t_ref = timed(lambda: reference(x, t, context, return_dict=False), args.warmup, args.iters, device)
             t_ours = timed(lambda: ours(x, t, context), args.warmup, args.iters, device)
+            if args.profile:
+                profile("diffusers", lambda: reference(x, t, context, return_dict=False))
+                profile("x2v", lambda: ours(x, t, context))
         flops = forward_flops(cfg, tokens)
         row = dict(size=size, tokens=tokens, dtype=args.dtype, diffusers_s=t_ref, x2v_s=t_ours,
                    ratio=t_ours / t_ref, x2v_tflops=flops / t_ours / 1e12, rel_diff=rel)

@@ -241,3 +241,14 @@ def test_wrong_inputs_have_clear_errors(tmp_path):
         model(x, t, context, clip_fea=clip)
     with pytest.raises(ValueError, match="needs clip_fea"):
         model(x, t, context, y=y)
+
+
+def test_batch_of_one_matches_diffusers(tmp_path):
+    """Batch 1 with one timestep takes the fused norm-modulation path."""
+    overrides, model_type, x_ch, y_ch, clip_tokens = VARIANTS["i2v"]
+    oracle = diffusers_dit(overrides)
+    ours = load_dit(write_official_dir(tmp_path, official_state_dict(oracle), model_type))
+    x, y, context, clip, t = (v[:1] for v in make_inputs(x_ch, y_ch, clip_tokens))
+    expected = diffusers_forward(oracle, x, y, context, clip, t)
+    with torch.no_grad():
+        assert_close_to_scale(ours(x, t, context, clip_fea=clip, y=y), expected, 1e-4)

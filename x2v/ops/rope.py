@@ -13,7 +13,6 @@ def axis_channels(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * hw, hw, hw
 
 
-@functools.lru_cache(maxsize=16)
 def _rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> torch.Tensor:
     """Angles ``[f*h*w, head_dim/2]`` in float64, token order (frame, row, column)."""
     axes = []
@@ -34,9 +33,13 @@ def _rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tor
     return angles.reshape(f * h * w, head_dim // 2)
 
 
+@functools.lru_cache(maxsize=16)
 def rope_rotations(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
-    """Unit complex rotations ``[L, 1, head_dim/2]`` (complex64; angles computed in float64 as officially)."""
-    angles = _rope_angles(tuple(grid), head_dim, theta)
+    """Unit complex rotations ``[L, 1, head_dim/2]`` (complex64; angles computed in float64 as officially).
+
+    Cached per grid and device: every step of a generation reuses them.
+    """
+    angles = _rope_angles(grid, head_dim, theta)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(1).to(device)
 
 

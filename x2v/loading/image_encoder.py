@@ -1,0 +1,100 @@
+"""Load the CLIP ViT image encoder of Wan2.1 I2V/FLF2V from a model directory or a checkpoint file."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from x2v.errors import CheckpointError
+from x2v.formats.clip_keys import OFFICIAL_PREFIX, infer_config, to_official
+from x2v.formats.readers import read_checkpoint
+from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
+from x2v.models.clip import ClipVisionConfig, ClipVisionTower
+
+OFFICIAL_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
+SUBFOLDER = "image_encoder"  # diffusers layout
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".safetensors.index.json")
+SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Checkpoint files directly in ``folder``; a sharded checkpoint counts once, as its index."""
+    if not folder.is_dir():
+        return []
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
+    if any(f.name.endswith(".index.json") for f in files):
+        files = [f for f in files if not SHARD.search(f.name)]
+    return files
+
+
+def find_image_encoder_checkpoint(model_dir: Path) -> Path:
+    """The official file if present, else the single CLIP-looking checkpoint at the top or in ``image_encoder/``."""
+    for folder in (model_dir, model_dir / SUBFOLDER):
+        if (folder / OFFICIAL_FILE).is_file():
+            return folder / OFFICIAL_FILE
+    candidates = [f for f in checkpoint_files(model_dir) if "clip" in f.name.lower()]
+    candidates += checkpoint_files(model_dir / SUBFOLDER)
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(
+            f"{model_dir}: no CLIP image encoder checkpoint: expected {OFFICIAL_FILE} (or one other *clip* "
+            f"checkpoint) here or in {SUBFOLDER}/. Only Wan2.1 I2V and FLF2V use the CLIP image encoder: download "
+            "that file from the model's repository, or pass the checkpoint's path."
+        )
+    names = ", ".join(str(f.relative_to(model_dir)) for f in candidates)
+    raise CheckpointError(
+        f"{model_dir}: several candidate CLIP image encoder checkpoints: {names}. Set the config key "
+        "`clip_original_ckpt` (or pass the file's path) to the one to use."
+    )
+
+
+def tower_tensors(official: dict[str, torch.Tensor], config: ClipVisionConfig) -> dict[str, torch.Tensor]:
+    """Tensors the tower uses, without ``visual.``; Wan never runs the last block, ``post_norm`` or ``head``."""
+    unused = ("post_norm.", f"transformer.{config.num_layers - 1}.")
+    tensors = {}
+    for name, tensor in official.items():
+        local = name.removeprefix(OFFICIAL_PREFIX)
+        if local != "head" and not local.startswith(unused):
+            tensors[local] = tensor
+    return tensors
+
+
+def load_image_encoder(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    num_heads: int | None = None,
+) -> ClipVisionTower:
+    """Build the CLIP vision tower from a model directory or a checkpoint (official or transformers names).
+
+    ``dtype=None`` keeps the checkpoint's floating dtype; LayerNorm weights are always stored in float32.
+    ``num_heads`` overrides the head count inferred from the width (the checkpoint does not store it).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = find_image_encoder_checkpoint(path)
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such file or directory (expected a model directory or a CLIP checkpoint).")
+    raw = read_checkpoint(path)
+    try:
+        official = to_official(raw)
+        config = infer_config(official, num_heads)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{path}: not a usable CLIP image encoder checkpoint: {e}. Found: {summarize_keys(raw)}."
+        ) from None
+    model = build_on_meta(lambda: ClipVisionTower(config))
+    return assign_weights(
+        model,
+        tower_tensors(official, config),
+        dtype=dtype or official[OFFICIAL_PREFIX + "patch_embedding.weight"].dtype,
+        device=device,
+        keep_fp32=("norm",),
+        source=str(path),
+        what="CLIP vision tower",
+    )

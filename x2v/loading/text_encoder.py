@@ -1,0 +1,116 @@
+"""Load the umT5 text encoder and its tokenizer from a Wan model directory or explicit paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from x2v.errors import CheckpointError, UnsupportedModelError
+from x2v.formats.readers import read_checkpoint
+from x2v.formats.t5_keys import infer_config, to_official
+from x2v.formats.tokenizer import WanTokenizer
+from x2v.loading.weights import assign_weights, build_on_meta
+from x2v.models.t5 import T5Encoder
+
+OFFICIAL_T5_NAME = "models_t5_umt5-xxl-enc-bf16.pth"
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
+# diffusers layout: the encoder is a HF UMT5EncoderModel folder.
+DIFFUSERS_T5_FILES = ("text_encoder/model.safetensors.index.json", "text_encoder/model.safetensors")
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def files_near(directory: Path) -> list[Path]:
+    """Files at the top level of ``directory`` and one folder down."""
+    top = sorted(directory.iterdir())
+    return [p for p in top if p.is_file()] + [f for d in top if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()]
+
+
+def looks_like_t5_checkpoint(name: str) -> bool:
+    if not name.endswith(CHECKPOINT_SUFFIXES):
+        return False
+    return (name.startswith("models_t5_") and name.endswith(".pth")) or "umt5" in name.lower()
+
+
+def find_t5_checkpoint(directory: Path) -> Path:
+    """The umT5 checkpoint of a model directory: the official file name first, else the single candidate."""
+    files = files_near(directory)
+    official = [f for f in files if f.name == OFFICIAL_T5_NAME]
+    candidates = official or [f for f in files if looks_like_t5_checkpoint(f.name)]
+    candidates = candidates or [directory / f for f in DIFFUSERS_T5_FILES if (directory / f).is_file()][:1]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(
+            f"{directory}: no umT5 text encoder checkpoint found (looked for {OFFICIAL_T5_NAME}, models_t5_*.pth "
+            "and *umt5*.pth/.safetensors at the top level and one folder down, and a diffusers text_encoder/ folder). "
+            "Pass the checkpoint file itself, or set the config key t5_original_ckpt to it."
+        )
+    listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
+    raise CheckpointError(
+        f"{directory}: {len(candidates)} umT5 checkpoints found ({listing}); x2v cannot tell which to use. "
+        "Pass the file path of the one you want, or set the config key t5_original_ckpt to it."
+    )
+
+
+def reject_quantized(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Quantized weights cast as if they were plain floats would give garbage, so refuse them explicitly."""
+    quantized = [n for n, t in tensors.items() if t.dtype.itemsize == 1 or "scale" in n.rsplit(".", 1)[-1]]
+    if quantized:
+        raise UnsupportedModelError(
+            f"{source}: this umT5 checkpoint is quantized ({len(quantized)} int8/fp8 or scale tensors, e.g. "
+            f"{quantized[0]!r}); x2v loads only unquantized umT5 weights (bf16/fp16/fp32). Use "
+            f"{OFFICIAL_T5_NAME} or umt5_xxl_fp16.safetensors instead."
+        )
+
+
+def load_text_encoder(
+    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+) -> T5Encoder:
+    """umT5 encoder from a model directory or a checkpoint file (official or HF/ComfyUI names).
+
+    ``dtype=None`` keeps the checkpoint's dtype (bf16 for the official file). Every weight, norms included,
+    is stored in ``dtype``, as in the official bf16 runtime; norms still compute their variance in float32.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: not found. Pass a Wan model directory or the umT5 checkpoint file (config key t5_original_ckpt)."
+        )
+    file = find_t5_checkpoint(path) if path.is_dir() else path
+    source = str(file)
+    tensors = read_checkpoint(file)
+    reject_quantized(tensors, source)
+    tensors = to_official(tensors, source)
+    config = infer_config(tensors, source)
+    dtype = dtype or tensors["token_embedding.weight"].dtype
+    model = build_on_meta(lambda: T5Encoder(config))
+    return assign_weights(model, tensors, dtype=dtype, device=device, source=source, what="umT5 encoder")
+
+
+def find_tokenizer_dir(path: Path) -> Path:
+    """``google/umt5-xxl/`` (official), ``tokenizer/`` (diffusers), or ``path`` itself if it is a tokenizer folder."""
+    for candidate in (path / "google" / "umt5-xxl", path / "tokenizer", path):
+        if candidate.is_dir() and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            return candidate
+    raise CheckpointError(
+        f"{path}: no umT5 tokenizer found (looked for google/umt5-xxl/ and tokenizer/ holding "
+        f"{' or '.join(TOKENIZER_FILES)}). Download the google/umt5-xxl tokenizer files into the model directory, "
+        "or set the config key t5_tokenizer_path to the tokenizer folder."
+    )
+
+
+def load_tokenizer(path: str | os.PathLike, *, text_len: int = 512) -> WanTokenizer:
+    """Tokenizer from a model directory or a tokenizer directory; see ``WanTokenizer`` for what a call returns."""
+    from transformers import AutoTokenizer  # the only use of transformers at runtime
+
+    directory = find_tokenizer_dir(Path(path))
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{directory}: cannot load the umT5 tokenizer ({e}). Check that the folder is complete, "
+            "or set the config key t5_tokenizer_path to a working tokenizer folder."
+        ) from None
+    return WanTokenizer(hf_tokenizer, text_len)
