@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
 from ckpt_utils import assert_close_to_scale, randomize_, write_pth
+from x2v.demo import write_tokenizer
 from x2v.errors import CheckpointError, UnsupportedModelError
 from x2v.formats.t5_keys import hf_to_official, infer_config, official_to_hf, to_official
 from x2v.formats.tokenizer import clean_prompt
@@ -204,18 +205,8 @@ def test_not_a_t5_file(tmp_path):
 
 # --- tokenizer ---
 
-VOCAB = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "&": 4, "b": 5, "c": 6}
-
-
 def write_tiny_tokenizer(directory) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
-    wrapped.save_pretrained(str(directory))
+    write_tokenizer(directory, words=["a", "&", "b", "c"])  # ids: pad 0, EOS 1, unk 2, a 3, & 4, b 5, c 6
 
 
 def test_clean_prompt():

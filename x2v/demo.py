@@ -40,12 +40,13 @@ def random_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]
     return out
 
 
-def write_tokenizer(directory: Path) -> None:
-    """A word-level tokenizer with T5's special tokens (pad 0, EOS 1), saved as a HuggingFace folder."""
+def write_tokenizer(directory: Path, words: list[str] = DEMO_WORDS) -> None:
+    """A word-level tokenizer with T5's special tokens (pad 0, EOS 1, unk 2, then ``words``), saved as a
+    HuggingFace tokenizer folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(DEMO_WORDS)}}
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
