@@ -43,7 +43,7 @@ def find_image_encoder_checkpoint(model_dir: Path) -> Path:
         raise CheckpointError(
             f"{model_dir}: no CLIP image encoder checkpoint: expected {OFFICIAL_FILE} (or one other *clip* "
             f"checkpoint) here or in {SUBFOLDER}/. Only Wan2.1 I2V and FLF2V use the CLIP image encoder: download "
-            "that file from the model's repository, or pass the checkpoint's path."
+            "that file from the model's repository, or set the config key clip_original_ckpt to it."
         )
     names = ", ".join(str(f.relative_to(model_dir)) for f in candidates)
     raise CheckpointError(

@@ -1,0 +1,207 @@
+"""Which file is which component: a model directory plus LightX2V's config keys -> checkpoint paths.
+
+Rules (one for every component, the same for both Wan2.2 experts):
+1. an explicit config key wins (``dit_original_ckpt``, ``high_noise_quantized_ckpt``, ``t5_original_ckpt``, ...);
+2. else the official place in the model directory (``high_noise_model/``, ``models_t5_umt5-xxl-enc-bf16.pth``, ...);
+3. else the single candidate; several candidates are an error that lists them and names the key that chooses.
+Every answer records how it was found, so ``x2v inspect`` and the logs can say it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from x2v.errors import CheckpointError
+from x2v.formats.readers import read_safetensors_header, safetensors_metadata
+
+EXPERTS = ("high_noise_model", "low_noise_model")
+EXPERT_SHORT = {"high_noise_model": "high_noise", "low_noise_model": "low_noise"}
+# x2v's converter records the expert here; the weights alone cannot tell the two experts apart.
+EXPERT_METADATA_KEY = "wan_expert"
+OFFICIAL_DIT_STEM = "diffusion_pytorch_model"
+# LightX2V's hub layout before Oct 2025; still on users' disks.
+LEGACY_DIT_FOLDERS = ("original", "fp8", "int8", "distill_models", "distill_fp8", "distill_int8")
+MOE_MODEL_CLASSES = ("wan2.2_moe", "wan2.2_moe_distill")
+
+
+@dataclass(frozen=True)
+class Found:
+    path: Path
+    how: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.how})"
+
+
+def _existing(path: str | Path, key: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{path}: not found (set by config key {key}). Fix the path or remove the key.")
+    return path
+
+
+def is_dit_safetensors(path: Path) -> bool:
+    """A DiT file has the head modulation (official/ComfyUI names) or its diffusers twin; T5, CLIP, VAE and
+    LoRA files lying beside it do not."""
+    keys = read_safetensors_header(path)[0].keys()
+    return any(k.endswith("head.modulation") or k == "scale_shift_table" for k in keys)
+
+
+def dit_candidates(directory: Path) -> list[Path]:
+    """DiT checkpoints in one folder: a shard index counts once for its shards; a block-split folder is itself one."""
+    if (directory / "non_block.safetensors").is_file():
+        return [directory]
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    sharded = {p for i in indexes for p in directory.glob(i.name.removesuffix(".index.json").replace(
+        ".safetensors", "-*.safetensors"))}
+    singles = [p for p in sorted(directory.glob("*.safetensors")) if p not in sharded and is_dit_safetensors(p)]
+    pickles = [p for p in sorted(directory.glob("*.pt")) + sorted(directory.glob("distill_model.pth"))]
+    return indexes + singles + pickles
+
+
+def find_dit_file(directory: Path, choose_keys: str) -> Found:
+    """The one DiT checkpoint of ``directory``; several are an error, never a merge (pitfall A01)."""
+    candidates = dit_candidates(directory)
+    if len(candidates) == 1:
+        what = "block-split folder" if candidates[0] == directory else "the only DiT checkpoint"
+        return Found(candidates[0], f"{what} in {directory}")
+    if not candidates:
+        raise CheckpointError(
+            f"{directory}: no DiT checkpoint found (expected {OFFICIAL_DIT_STEM}*.safetensors with its index, "
+            f"one .safetensors file, or non_block.safetensors + block_N.safetensors). Set {choose_keys}."
+        )
+    raise CheckpointError(
+        f"{directory}: {len(candidates)} DiT checkpoints, x2v will not guess or merge them: "
+        + ", ".join(p.name for p in candidates)
+        + f". Set {choose_keys} to the one you want."
+    )
+
+
+def _dit_at(path: Path, how: str, choose_keys: str) -> Found:
+    return Found(path, how) if path.is_file() else find_dit_file(path, choose_keys)
+
+
+def is_moe(model_path: Path, config: dict) -> bool:
+    if config.get("model_cls") in MOE_MODEL_CLASSES:
+        return True
+    if any(config.get(f"{short}_{kind}_ckpt") for short in EXPERT_SHORT.values() for kind in ("original", "quantized")):
+        return True
+    return model_path.is_dir() and (
+        all((model_path / e).is_dir() for e in EXPERTS) or (model_path / "transformer_2").is_dir()
+    )
+
+
+def resolve_expert(model_path: Path, config: dict, expert: str) -> Found:
+    """One Wan2.2 expert, by the same rule for both: explicit key > expert folder > recorded metadata."""
+    short = EXPERT_SHORT[expert]
+    keys = (f"{short}_quantized_ckpt", f"{short}_original_ckpt")
+    if not config.get("dit_quantized"):
+        keys = keys[::-1]
+    choose = f"{short}_original_ckpt (or {short}_quantized_ckpt)"
+    for key in keys:
+        if config.get(key):
+            return _dit_at(_existing(config[key], key), f"config key {key}", choose)
+    diffusers_folder = {"high_noise_model": "transformer", "low_noise_model": "transformer_2"}[expert]
+    for folder, how in ((model_path / expert, f"the {expert}/ folder"),
+                        (model_path / "distill_models" / expert, f"the legacy distill_models/{expert}/ folder"),
+                        (model_path / diffusers_folder, f"diffusers {diffusers_folder}/ ({expert})")):
+        if folder.is_dir():
+            found = find_dit_file(folder, choose)
+            return Found(found.path, how)
+    tagged = [p for p in dit_candidates(model_path) if p.suffix == ".safetensors"
+              and safetensors_metadata(p).get(EXPERT_METADATA_KEY) == expert]
+    if len(tagged) == 1:
+        return Found(tagged[0], f"file metadata {EXPERT_METADATA_KEY}={expert}")
+    raise CheckpointError(
+        f"{model_path}: no {expert} found for this two-expert Wan2.2 model (looked for the config keys "
+        f"{' / '.join(keys)}, a {expert}/ folder and files whose metadata names the expert). Both experts are "
+        f"needed; the two files cannot be told apart by their weights, so set {choose}."
+    )
+
+
+def resolve_dit(model_path: str | Path, config: dict | None = None) -> dict[str, Found]:
+    """``{"dit": Found}``, or ``{"high_noise_model": ..., "low_noise_model": ...}`` for Wan2.2 A14B."""
+    config = config or {}
+    model_path = Path(model_path)
+    if is_moe(model_path, config):
+        for key in ("dit_original_ckpt", "dit_quantized_ckpt"):
+            if config.get(key):
+                # One path cannot be both experts (pitfall A11): refuse instead of loading it twice.
+                raise CheckpointError(
+                    f"config key {key} names one DiT, but this is a two-expert Wan2.2 model. Use "
+                    f"high_noise_{key.split('_')[1]}_ckpt and low_noise_{key.split('_')[1]}_ckpt instead."
+                )
+        return {expert: resolve_expert(model_path, config, expert) for expert in EXPERTS}
+    keys = ("dit_quantized_ckpt", "dit_original_ckpt") if config.get("dit_quantized") else (
+        "dit_original_ckpt", "dit_quantized_ckpt")
+    choose = "dit_original_ckpt (or dit_quantized_ckpt with dit_quantized)"
+    for key in keys:
+        if config.get(key):
+            return {"dit": _dit_at(_existing(config[key], key), f"config key {key}", choose)}
+    model_path = _existing(model_path, "model_path")
+    if model_path.is_file():
+        return {"dit": Found(model_path, "the file given")}
+    if (model_path / "transformer").is_dir() and not dit_candidates(model_path):
+        return {"dit": Found(find_dit_file(model_path / "transformer", choose).path, "diffusers transformer/")}
+    if dit_candidates(model_path):
+        return {"dit": find_dit_file(model_path, choose)}
+    legacy = [model_path / f for f in LEGACY_DIT_FOLDERS if (model_path / f).is_dir()
+              and dit_candidates(model_path / f)]
+    if len(legacy) == 1:
+        found = find_dit_file(legacy[0], choose)
+        return {"dit": Found(found.path, f"the legacy LightX2V {legacy[0].name}/ folder")}
+    if legacy:
+        raise CheckpointError(
+            f"{model_path}: DiT weights in {len(legacy)} legacy LightX2V folders ("
+            + ", ".join(f.name + "/" for f in legacy) + f"); set {choose} to the one you want."
+        )
+    return {"dit": find_dit_file(model_path, choose)}
+
+
+def _t5_finder(model_path: Path) -> Path:
+    from x2v.loading.text_encoder import find_t5_checkpoint
+
+    return find_t5_checkpoint(model_path)
+
+
+def _tokenizer_finder(model_path: Path) -> Path:
+    from x2v.loading.text_encoder import find_tokenizer_dir
+
+    return find_tokenizer_dir(model_path)
+
+
+def _clip_finder(model_path: Path) -> Path:
+    from x2v.loading.image_encoder import find_image_encoder_checkpoint
+
+    return find_image_encoder_checkpoint(model_path)
+
+
+def _vae_finder(model_path: Path) -> Path:
+    from x2v.loading.vae import find_vae_checkpoint
+
+    return find_vae_checkpoint(model_path)
+
+
+# component -> (explicit keys in order of precedence given the quantized flag, flag key, finder in the model dir)
+COMPONENT_RULES = {
+    "t5": (("t5_quantized_ckpt", "t5_original_ckpt"), "t5_quantized", _t5_finder),
+    "tokenizer": (("t5_tokenizer_path",), None, _tokenizer_finder),
+    "clip": (("clip_quantized_ckpt", "clip_original_ckpt"), "clip_quantized", _clip_finder),
+    "vae": (("vae_path",), None, _vae_finder),
+}
+
+
+def resolve_component(name: str, model_path: str | Path, config: dict | None = None) -> Found:
+    """The checkpoint of ``t5``, ``tokenizer``, ``clip`` or ``vae``: explicit key, else the model directory."""
+    config = config or {}
+    keys, flag, finder = COMPONENT_RULES[name]
+    if flag and not config.get(flag):
+        keys = keys[::-1]
+    for key in keys:
+        if config.get(key):
+            return Found(_existing(config[key], key), f"config key {key}")
+    model_path = _existing(model_path, "model_path")
+    if model_path.is_file():
+        model_path = model_path.parent  # a single DiT file: its companions lie beside it
+    return Found(finder(model_path), f"found in {model_path}")
