@@ -27,6 +27,24 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def inspect(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from x2v.formats import jsonc
+    from x2v.loading.inspect import format_report, inspect_model
+
+    config = jsonc.load(args.config) if args.config else {}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    reports = inspect_model(args.path, config, dtype)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2, default=str))
+    else:
+        print(format_report(reports))
+    return 1 if any(r.problems for r in reports) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2v", description="Load and run Wan2.1 / Wan2.2 video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -38,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--output", default="x2v_demo_frames.npy")
     p.set_defaults(func=demo)
+    p = sub.add_parser("inspect", help="what a model directory or file holds, and every problem with its fix")
+    p.add_argument("path", type=Path, help="model directory, DiT folder or checkpoint file")
+    p.add_argument("--config", type=Path, help="LightX2V-style JSON config (its checkpoint keys are honoured)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype for the memory estimate")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=inspect)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -176,6 +176,11 @@ def variant_name(cfg: WanDiTConfig) -> str:
     return f"Wan2.1 {cfg.model_type.upper()}-{size}"
 
 
+def supported_tasks(cfg: WanDiTConfig) -> list[str]:
+    """Generation tasks a DiT can serve, from its architecture."""
+    return {"t2v": ["t2v", "t2i"], "ti2v": ["t2v", "i2v"]}.get(cfg.model_type, [cfg.model_type])
+
+
 def config_from_json(raw: dict, base: WanDiTConfig) -> WanDiTConfig:
     """Overlay the architecture keys of an official ``config.json`` on a detected config."""
     fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len", "freq_dim", "eps")

@@ -1,0 +1,65 @@
+"""x2v inspect: every component of a model directory, its facts, and its problems with their fixes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import save_file
+
+from x2v.cli.main import main
+from x2v.demo import write_demo_model
+from x2v.formats.readers import read_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_demo_model(tmp_path_factory.mktemp("inspect") / "tiny")
+
+
+def run(capsys, *args):
+    code = main(["inspect", *map(str, args)])
+    return code, capsys.readouterr().out
+
+
+def test_complete_directory(model_dir, capsys):
+    code, out = run(capsys, model_dir, "--json")
+    reports = {r["name"]: r for r in json.loads(out)}
+    assert code == 0
+    assert set(reports) == {"dit", "t5", "tokenizer", "vae"}  # no CLIP: a T2V model does not need it
+    dit = reports["dit"]
+    assert dit["container"].startswith("sharded safetensors (2 shards")
+    assert dit["architecture"]["model_type"] == "t2v" and dit["tasks"] == ["t2v", "t2i"]
+    assert dit["quantization"] == "none" and dit["dtypes"] == {"float32": dit["tensors"]}
+    assert reports["vae"]["variant"] == "Wan2.1 VAE (z_dim 16)"
+    assert reports["t5"]["dtypes"] == {"bfloat16": reports["t5"]["tensors"]}
+    assert all(not r["problems"] for r in reports.values())
+
+
+def test_problems_make_the_exit_status_non_zero(model_dir, tmp_path, capsys):
+    broken = shutil.copytree(model_dir, tmp_path / "broken")
+    (broken / "Wan2.1_VAE.pth").unlink()
+    shard = next(broken.glob("diffusion_pytorch_model-00001-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated download
+    code, out = run(capsys, broken)
+    assert code == 1
+    assert "truncated file" in out and "100 missing" in out
+    assert "no VAE found" in out and "vae_path" in out
+    assert out.strip().endswith("cannot load as is: fix the problems above")
+
+
+def test_config_keys_choose_among_variants(model_dir, tmp_path, capsys):
+    variants = shutil.copytree(model_dir, tmp_path / "variants")
+    for shard in variants.glob("diffusion_pytorch_model*"):
+        shard.unlink()
+    dit = read_checkpoint(model_dir / "diffusion_pytorch_model.safetensors.index.json")
+    for name in ("wan_bf16.safetensors", "wan_other.safetensors"):
+        save_file({k: v.contiguous() for k, v in dit.items()}, str(variants / name))
+    code, out = run(capsys, variants)
+    assert code == 1 and "2 DiT checkpoints" in out and "dit_original_ckpt" in out
+    config = tmp_path / "config.json"
+    config.write_text('{\n  // LightX2V style, with a comment\n  "dit_original_ckpt": "%s",\n}'
+                      % (variants / "wan_bf16.safetensors"))
+    code, out = run(capsys, variants, "--config", config)
+    assert "found by: config key dit_original_ckpt" in out
