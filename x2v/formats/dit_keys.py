@@ -181,6 +181,27 @@ def supported_tasks(cfg: WanDiTConfig) -> list[str]:
     return {"t2v": ["t2v", "t2i"], "ti2v": ["t2v", "i2v"]}.get(cfg.model_type, [cfg.model_type])
 
 
+TASK_NEEDS = {
+    "t2v": "a text-to-video DiT (T2V, TI2V-5B)",
+    "t2i": "a Wan2.1 T2V DiT",
+    "i2v": "an image-to-video DiT (Wan2.1 I2V, Wan2.2 I2V-A14B, TI2V-5B)",
+    "flf2v": "the Wan2.1 FLF2V DiT",
+    "vace": "a Wan2.1 VACE DiT",
+}
+
+
+def check_task(cfg: WanDiTConfig, task: str, source: str) -> None:
+    """Refuse a task the weights cannot serve (e.g. i2v with T2V weights) before anything runs."""
+    if task not in TASK_NEEDS:
+        raise ValueError(f"unknown task {task!r}; x2v knows {', '.join(TASK_NEEDS)}")
+    tasks = supported_tasks(cfg)
+    if task not in tasks:
+        raise CheckpointError(
+            f"{source}: task {task} needs {TASK_NEEDS[task]}, but this is a {variant_name(cfg)} DiT, which serves "
+            f"{', '.join(tasks)}. Point model_path at the right model, or set task to one of those."
+        )
+
+
 def config_from_json(raw: dict, base: WanDiTConfig) -> WanDiTConfig:
     """Overlay the architecture keys of an official ``config.json`` on a detected config."""
     fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len", "freq_dim", "eps")
