@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
 from x2v.errors import CheckpointError
 from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
+from x2v.formats.quant import check_scheme, dequantize, detect_encoding
 from x2v.formats.readers import read_checkpoint
-from x2v.loading.weights import assign_weights, build_on_meta
+from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
 
 OFFICIAL_STEM = "diffusion_pytorch_model"
-QUANTIZED_DTYPES = (torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2)
 EXPERT_DIRS = ("high_noise_model", "low_noise_model")
+
+log = logging.getLogger(__name__)
 
 
 def find_dit_checkpoint(directory: Path) -> Path:
@@ -70,31 +73,42 @@ def load_dit(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     config: WanDiTConfig | None = None,
+    dit_quantized: bool | None = None,
+    quant_scheme: str | None = None,
 ) -> WanDiT:
     """A ready DiT: architecture from the weights (cross-checked with config.json), built on meta, tensors assigned.
 
-    ``dtype`` is the compute dtype of linear layers and attention (default: the checkpoint's);
-    norms, modulation, time embedding and head stay in float32.
+    ``dtype`` is the compute dtype of linear layers and attention (default: the checkpoint's, bfloat16 for an
+    int8/fp8 file); norms, modulation, time embedding and head stay in float32. Quantized weights (LightX2V
+    int8/fp8, ComfyUI scaled fp8) are detected from the tensors and dequantized with their scales.
+    ``dit_quantized`` / ``quant_scheme`` (LightX2V's ``dit_quantized`` / ``dit_quant_scheme``) are optional:
+    when given they must agree with the file. ``model.load_info`` says what was loaded.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory.")
     checkpoint = find_dit_checkpoint(path) if path.is_dir() else path
+    source = str(checkpoint)
     tensors = to_official(read_checkpoint(checkpoint))
     if config is None:
-        config = infer_dit_config(tensors, source=str(checkpoint))
+        config = infer_dit_config(tensors, source=source)
         raw, json_path = read_config_json(checkpoint)
         if raw is not None:
-            config = check_config_json(raw, config, str(checkpoint), str(json_path))
-    quantized = sorted({str(t.dtype) for t in tensors.values() if t.dtype in QUANTIZED_DTYPES})
-    if quantized:
-        # Casting fp8/int8 weights without their scales produces garbage: refuse instead.
-        raise CheckpointError(
-            f"{checkpoint}: holds quantized weights ({', '.join(quantized)}), which this loader cannot read yet."
-        )
+            config = check_config_json(raw, config, source, str(json_path))
+    encoding = detect_encoding(tensors, source)
+    check_scheme(encoding, quant_scheme, dit_quantized, source)
+    if encoding.quantized:
+        dtype = dtype or torch.bfloat16
+        log.info("%s: %s weights (%s), dequantized to %s at load.", source, encoding.family, encoding.name, dtype)
+        if encoding.unusual_layers:
+            log.info("%s: also quantizes layers released files keep in high precision: %s.",
+                     source, summarize_keys(f"{layer}.weight" for layer in encoding.unusual_layers))
     dtype = dtype or default_dtype(tensors)
+    tensors = dequantize(tensors, encoding, dtype, device=device, keep_fp32=FP32_PARAMS)
     model = build_on_meta(lambda: WanDiT(config))
-    return assign_weights(
-        model, tensors, dtype=dtype, device=device, keep_fp32=FP32_PARAMS, source=str(checkpoint),
+    model = assign_weights(
+        model, tensors, dtype=dtype, device=device, keep_fp32=FP32_PARAMS, source=source,
         what=f"{config.model_type} DiT (dim {config.dim}, {config.num_layers} layers)",
     )
+    model.load_info = {"encoding": encoding.name, "source": source}
+    return model
