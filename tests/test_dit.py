@@ -145,7 +145,7 @@ def test_layouts_give_the_same_model(tmp_path):
             (tmp_path / name).mkdir()
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp_path / name / f"{name}.safetensors"))
             # No config.json: heads cannot be read from shapes for a tiny model, so give the config.
-            model = load_dit(tmp_path / name / f"{name}.safetensors", config=reference.config)
+            model = load_dit(tmp_path / name / f"{name}.safetensors", architecture=reference.config)
             torch.testing.assert_close(model(x, t, context), want, rtol=0, atol=0)
 
 
@@ -221,7 +221,7 @@ def test_several_candidates_are_an_error_not_a_merge(tmp_path):
     sd = official_state_dict(diffusers_dit(VARIANTS["t2v"][0]))
     save_file(sd, str(tmp_path / "wan_bf16.safetensors"))
     save_file(sd, str(tmp_path / "wan_other.safetensors"))
-    with pytest.raises(CheckpointError, match="2 DiT candidates.*dit_original_ckpt"):
+    with pytest.raises(CheckpointError, match="2 DiT checkpoints.*dit_original_ckpt"):
         load_dit(tmp_path)
 
 

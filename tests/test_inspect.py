@@ -63,3 +63,54 @@ def test_config_keys_choose_among_variants(model_dir, tmp_path, capsys):
                       % (variants / "wan_bf16.safetensors"))
     code, out = run(capsys, variants, "--config", config)
     assert "found by: config key dit_original_ckpt" in out
+
+
+def wan22_pair(model_dir, root):
+    """A Wan2.2-style root: the tiny DiT twice as high/low-noise experts, encoders and VAE beside them."""
+    shutil.copytree(model_dir, root)
+    for expert in ("high_noise_model", "low_noise_model"):
+        (root / expert).mkdir()
+        for f in list(root.glob("diffusion_pytorch_model*")) + [root / "config.json"]:
+            shutil.copy(f, root / expert / f.name)
+    for f in list(root.glob("diffusion_pytorch_model*")) + [root / "config.json"]:
+        f.unlink()
+    return root
+
+
+def test_wan22_experts_are_inspected_and_loaded_by_name(model_dir, tmp_path, capsys):
+    import torch
+
+    from x2v.loading.dit import load_dit
+
+    root = wan22_pair(model_dir, tmp_path / "wan22")
+    code, out = run(capsys, root, "--json")
+    reports = {r["name"]: r for r in json.loads(out)}
+    assert code == 0 and {"high_noise_model", "low_noise_model"} <= set(reports)
+    assert reports["high_noise_model"]["how"] == "the high_noise_model/ folder"
+    with pytest.raises(Exception, match="pass expert="):
+        load_dit(root)
+    high = load_dit(root, expert="high_noise_model")
+    reference = load_dit(model_dir)
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(high.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_quantized_file_is_reported_with_its_encoding(model_dir, tmp_path, capsys):
+    import torch
+
+    tensors = read_checkpoint(model_dir / "diffusion_pytorch_model.safetensors.index.json")
+    quantized = {}
+    for name, t in tensors.items():
+        if name.endswith(("ffn.0.weight", "ffn.2.weight")):
+            scale = t.abs().amax(dim=1, keepdim=True) / 127
+            quantized[name] = (t / scale).round().clamp(-128, 127).to(torch.int8)
+            quantized[name.replace(".weight", ".weight_scale")] = scale
+        else:
+            quantized[name] = t.contiguous()
+    save_file(quantized, str(tmp_path / "wan_int8_lightx2v.safetensors"))
+    code, out = run(capsys, tmp_path / "wan_int8_lightx2v.safetensors")
+    assert "quantization: lightx2v-int8" in out
+    config = tmp_path / "c.json"
+    config.write_text('{"dit_quantized": true, "dit_quant_scheme": "fp8-vllm"}')
+    code, out = run(capsys, tmp_path / "wan_int8_lightx2v.safetensors", "--config", config)
+    assert code == 1 and "int8" in out and "fp8-vllm" in out

@@ -96,7 +96,7 @@ def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_quantized_file_loads_dequantized(tmp_path, float_model, fmt):
     sd, reference, (x, y, context, clip, t), want = float_model
     tensors, expected = write_format(sd, fmt)
-    model = load_dit(save(tmp_path, tensors), dtype=torch.float32, config=reference.config)
+    model = load_dit(save(tmp_path, tensors), dtype=torch.float32, architecture=reference.config)
     assert model.load_info["encoding"] == ENCODING_OF_FORMAT.get(fmt, fmt)
     loaded = model.state_dict()
     assert len(expected) == 3 * (4 + 6 + 2)  # 3 blocks: self_attn q,k,v,o; cross_attn q,k,v,o,k_img,v_img; ffn 0,2
@@ -126,7 +126,7 @@ def test_layers_outside_the_release_set(tmp_path, float_model):
     tensors, expected = write_format(sd, "lightx2v-int8", lambda k, w: converter_quantizes(k, w) or k in extra)
     encoding = detect_encoding(tensors)
     assert set(encoding.unusual_layers) == {"patch_embedding", "head.head"}
-    loaded = load_dit(save(tmp_path, tensors), dtype=torch.bfloat16, config=reference.config).state_dict()
+    loaded = load_dit(save(tmp_path, tensors), dtype=torch.bfloat16, architecture=reference.config).state_dict()
     assert torch.equal(loaded["patch_embedding.weight"], expected["patch_embedding.weight"].to(torch.bfloat16))
     assert loaded["head.head.weight"].dtype == torch.float32  # kept in float32: dequantized straight to it
     assert torch.equal(loaded["head.head.weight"], expected["head.head.weight"])
@@ -206,12 +206,12 @@ def test_scheme_contradicting_the_file_is_refused(tmp_path, float_model):
     sd, reference, *_ = float_model
     path = save(tmp_path, write_format(sd, "lightx2v-int8")[0])
     with pytest.raises(CheckpointError, match="'fp8-vllm' expects fp8 per-channel.*holds int8 per-channel.*int8-vllm"):
-        load_dit(path, config=reference.config, dit_quantized=True, quant_scheme="fp8-vllm")
+        load_dit(path, architecture=reference.config, dit_quantized=True, quant_scheme="fp8-vllm")
     with pytest.raises(CheckpointError, match="declared not quantized.*set dit_quantized true and dit_quant_scheme int8-vllm"):
-        load_dit(path, config=reference.config, dit_quantized=False)
+        load_dit(path, architecture=reference.config, dit_quantized=False)
     float_path = save(tmp_path, sd, "float.safetensors")
     with pytest.raises(CheckpointError, match="declared quantized.*holds float weights"):
-        load_dit(float_path, config=reference.config, dit_quantized=True, quant_scheme="int8-vllm")
+        load_dit(float_path, architecture=reference.config, dit_quantized=True, quant_scheme="int8-vllm")
 
 
 def test_scheme_declarations():

@@ -2,64 +2,44 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 
 from x2v.errors import CheckpointError
+from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
 from x2v.formats.quant import check_scheme, dequantize, detect_encoding
 from x2v.formats.readers import read_checkpoint
+from x2v.loading.resolve import resolve_dit
 from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
-
-OFFICIAL_STEM = "diffusion_pytorch_model"
-EXPERT_DIRS = ("high_noise_model", "low_noise_model")
 
 log = logging.getLogger(__name__)
 
 
-def find_dit_checkpoint(directory: Path) -> Path:
-    """The DiT file (or shard index) of a directory; several candidates are an error, never a merge."""
-    if all((directory / d).is_dir() for d in EXPERT_DIRS):
+def find_dit(path: Path, expert: str | None) -> Path:
+    """The DiT checkpoint under ``path`` by the resolution rules; a Wan2.2 root needs ``expert``."""
+    found = resolve_dit(path)
+    if expert is not None:
+        if expert not in found:
+            raise CheckpointError(f"{path}: expert={expert!r} was asked for, but this is a single-DiT model.")
+        return found[expert].path
+    if len(found) > 1:
         raise CheckpointError(
-            f"{directory}: a Wan2.2 A14B directory with two experts; load {directory / 'high_noise_model'} "
-            f"or {directory / 'low_noise_model'}."
+            f"{path}: a Wan2.2 two-expert model; pass expert='high_noise_model' or expert='low_noise_model' "
+            "(or the expert's folder)."
         )
-    if (directory / "transformer").is_dir() and not any(directory.glob("*.safetensors*")):
-        directory = directory / "transformer"  # diffusers repository
-    indexes = sorted(directory.glob("*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return indexes[0]
-    singles = sorted(p for p in directory.glob("*.safetensors") if p.name != "non_block.safetensors")
-    official = directory / f"{OFFICIAL_STEM}.safetensors"
-    if not indexes and official.is_file():
-        return official
-    candidates = indexes + ([] if indexes else singles)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise CheckpointError(
-            f"{directory}: no DiT checkpoint found (expected {OFFICIAL_STEM}*.safetensors with its index, "
-            "or one .safetensors file). Pass the file path, or set dit_original_ckpt."
-        )
-    raise CheckpointError(
-        f"{directory}: {len(candidates)} DiT candidates, x2v will not guess or merge them: "
-        + ", ".join(p.name for p in candidates)
-        + ". Pass one file, or set dit_original_ckpt / dit_quantized_ckpt to choose."
-    )
+    return found["dit"].path
 
 
 def read_config_json(checkpoint: Path) -> tuple[dict | None, Path | None]:
-    path = checkpoint.parent / "config.json"
+    """The ``config.json`` beside a DiT file (or inside a block-split folder), if any."""
+    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
     if not path.is_file():
         return None, None
-    try:
-        return json.loads(path.read_text()), path
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}). Fix or delete it.") from None
+    return jsonc.load(path), path
 
 
 def default_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
@@ -72,11 +52,15 @@ def load_dit(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-    config: WanDiTConfig | None = None,
+    architecture: WanDiTConfig | None = None,
+    expert: str | None = None,
     dit_quantized: bool | None = None,
     quant_scheme: str | None = None,
 ) -> WanDiT:
     """A ready DiT: architecture from the weights (cross-checked with config.json), built on meta, tensors assigned.
+
+    ``path`` is a checkpoint file, a DiT folder or a model directory (resolved as ``x2v inspect`` shows; a Wan2.2
+    root needs ``expert``). ``architecture`` overrides what is read from the shapes and config.json.
 
     ``dtype`` is the compute dtype of linear layers and attention (default: the checkpoint's, bfloat16 for an
     int8/fp8 file); norms, modulation, time embedding and head stay in float32. Quantized weights (LightX2V
@@ -87,9 +71,10 @@ def load_dit(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory.")
-    checkpoint = find_dit_checkpoint(path) if path.is_dir() else path
+    checkpoint = find_dit(path, expert) if path.is_dir() else path
     source = str(checkpoint)
     tensors = to_official(read_checkpoint(checkpoint))
+    config = architecture
     if config is None:
         config = infer_dit_config(tensors, source=source)
         raw, json_path = read_config_json(checkpoint)

@@ -100,18 +100,19 @@ def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, conf
     report.facts["tasks"] = supported_tasks(arch)
     model = build_on_meta(lambda: WanDiT(arch))
     report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, FP32_PARAMS)
-    if report.facts["quantization"] == "none":
+    if report.facts["quantization"] == "none":  # quantized files carry scale tensors beside the weights
         report.problems += missing_and_unexpected(model, official, "DiT")
 
 
 def quantization_of(tensors: dict, report: ComponentReport, config: dict) -> str:
-    """The weight encoding, from the tensors (the quantized-loading code owns the rules)."""
-    try:
-        from x2v.formats.quant import describe_encoding
-    except ImportError:  # pragma: no cover - only while quantized loading is absent
-        quantized = sorted({str(t.dtype) for t in tensors.values() if t.dtype.itemsize == 1})
-        return "quantized: " + ", ".join(quantized) if quantized else "none"
-    return describe_encoding(tensors, str(report.found.path), config)
+    """The weight encoding read from the tensors, checked against the declared dit_quant_scheme."""
+    from x2v.formats.quant import check_scheme, detect_encoding
+
+    encoding = detect_encoding(tensors, str(report.found.path))
+    check_scheme(encoding, config.get("dit_quant_scheme"), config.get("dit_quantized"), str(report.found.path))
+    if not encoding.quantized:
+        return "none"
+    return f"{encoding.name} ({encoding.family}; dequantized at load)"
 
 
 def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
