@@ -2,7 +2,8 @@
 
 Everything the demo writes is in the official on-disk layout (sharded DiT safetensors + index + config.json,
 umT5 and VAE ``.pth`` files, a ``google/umt5-xxl/`` tokenizer folder), so the demo goes through exactly the
-loaders a downloaded model uses. The weights are random: the video is noise, the run proves the plumbing.
+loaders and the same pipeline a downloaded model uses. The weights are random: the video is noise, the run
+proves the plumbing.
 """
 
 from __future__ import annotations
@@ -11,21 +12,38 @@ import json
 import os
 import shutil
 import tempfile
-import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-import x2v
 from x2v.loading.weights import build_on_meta
-from x2v.models.t5 import T5Encoder, T5EncoderConfig, trim_to_lengths
+from x2v.models.clip import ClipVisionConfig, ClipVisionTower
+from x2v.models.t5 import T5Encoder, T5EncoderConfig
 from x2v.models.vae import Wan21VAE, Wan21VAEConfig
+from x2v.models.vae22 import Wan22VAE, Wan22VAEConfig
 from x2v.models.wan_dit import WanDiT, WanDiTConfig
 
 DEMO_DIT = WanDiTConfig(dim=128, ffn_dim=256, num_heads=1, num_layers=2, text_dim=64, freq_dim=256)
 DEMO_T5 = T5EncoderConfig(vocab=64, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
 DEMO_VAE = Wan21VAEConfig(dim=8, z_dim=16)
+DEMO_VAE22 = Wan22VAEConfig(dim=8, decoder_dim=12, z_dim=48)
+# The file holds one block more than Wan runs (it uses all but the last), so build a tower one block deeper.
+DEMO_CLIP = ClipVisionConfig(image_size=28, patch_size=14, width=64, num_layers=4, num_heads=1, mlp_dim=128)
+CLIP_TOKENS = DEMO_CLIP.num_tokens
+
+# kind -> DiT architecture of the tiny model (every released model class has one)
+TINY_DITS = {
+    "t2v": DEMO_DIT,
+    "i2v": replace(DEMO_DIT, model_type="i2v", in_dim=36, image_branch=True, image_dim=DEMO_CLIP.width),
+    "flf2v": replace(DEMO_DIT, model_type="flf2v", in_dim=36, image_branch=True, image_dim=DEMO_CLIP.width,
+                     image_tokens=2 * CLIP_TOKENS),
+    "vace": replace(DEMO_DIT, model_type="vace", vace_layers=(0,)),
+    "moe_t2v": DEMO_DIT,
+    "moe_i2v": replace(DEMO_DIT, model_type="i2v", in_dim=36),
+    "ti2v": replace(DEMO_DIT, model_type="ti2v", in_dim=48, out_dim=48),
+}
 DEMO_WORDS = "a cat dog sits runs on the grass in sun rain city night street car red blue green".split()
 
 
@@ -54,31 +72,55 @@ def write_tokenizer(directory: Path, words: list[str] = DEMO_WORDS) -> None:
     wrapped.save_pretrained(str(directory))
 
 
-def write_demo_model(directory: Path) -> Path:
-    """Create the tiny model directory (atomically: built in a temp folder, renamed when complete)."""
-    if (directory / "config.json").is_file():
+def write_dit(directory: Path, config: WanDiTConfig, seed: int) -> None:
+    """Official DiT layout: two safetensors shards, their index and config.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dit = random_weights(build_on_meta(lambda: WanDiT(config)), seed=seed)
+    names = list(dit)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        shard = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: dit[n] for n in part}, str(directory / shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    (directory / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(t.nbytes for t in dit.values())}, "weight_map": weight_map})
+    )
+    fields = ("model_type", "in_dim", "dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "out_dim",
+              "text_len", "eps")
+    json_config = {"_class_name": "WanModel", **{f: getattr(config, f) for f in fields}}
+    if config.vace_layers:
+        json_config.update(_class_name="VaceWanModel", vace_layers=list(config.vace_layers))
+    (directory / "config.json").write_text(json.dumps(json_config, indent=2))
+
+
+def write_tiny_model(directory: Path, kind: str = "t2v") -> Path:
+    """A complete tiny model directory of ``kind`` (a key of ``TINY_DITS``), random weights, official file names.
+
+    Built in a temp folder and renamed when complete; an existing directory is reused as it is.
+    """
+    if directory.is_dir():
         return directory
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=directory.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
-        dit = random_weights(build_on_meta(lambda: WanDiT(DEMO_DIT)), seed=1)
-        names = list(dit)
-        half = len(names) // 2
-        weight_map = {}
-        for i, part in enumerate((names[:half], names[half:])):
-            shard = f"diffusion_pytorch_model-{i + 1:05d}-of-00002.safetensors"
-            save_file({n: dit[n] for n in part}, str(tmp / shard))
-            weight_map.update(dict.fromkeys(part, shard))
-        (tmp / "diffusion_pytorch_model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": sum(t.nbytes for t in dit.values())}, "weight_map": weight_map})
-        )
-        fields = ("model_type", "in_dim", "dim", "ffn_dim", "freq_dim", "num_heads", "num_layers", "out_dim",
-                  "text_len", "eps")
-        config = {"_class_name": "WanModel", **{f: getattr(DEMO_DIT, f) for f in fields}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        config = TINY_DITS[kind]
+        if kind.startswith("moe_"):
+            for seed, expert in enumerate(("high_noise_model", "low_noise_model"), start=1):
+                write_dit(tmp / expert, config, seed)
+        else:
+            write_dit(tmp, config, seed=1)
         t5 = random_weights(build_on_meta(lambda: T5Encoder(DEMO_T5)), seed=2)
         torch.save({k: v.bfloat16() for k, v in t5.items()}, tmp / "models_t5_umt5-xxl-enc-bf16.pth")
-        torch.save(random_weights(build_on_meta(lambda: Wan21VAE(DEMO_VAE)), seed=3), tmp / "Wan2.1_VAE.pth")
+        if kind == "ti2v":
+            torch.save(random_weights(build_on_meta(lambda: Wan22VAE(DEMO_VAE22)), seed=3), tmp / "Wan2.2_VAE.pth")
+        else:
+            torch.save(random_weights(build_on_meta(lambda: Wan21VAE(DEMO_VAE)), seed=3), tmp / "Wan2.1_VAE.pth")
+        if config.image_branch:
+            deeper = replace(DEMO_CLIP, num_layers=DEMO_CLIP.num_layers + 1)
+            clip = random_weights(build_on_meta(lambda: ClipVisionTower(deeper)), seed=4)
+            torch.save({f"visual.{k}": v.half() for k, v in clip.items()},
+                       tmp / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
         write_tokenizer(tmp / "google" / "umt5-xxl")
         os.replace(tmp, directory)
     finally:
@@ -86,46 +128,22 @@ def write_demo_model(directory: Path) -> Path:
     return directory
 
 
-def flow_sigmas(steps: int, shift: float) -> torch.Tensor:
-    """Shifted flow-matching noise levels from 1 to 0 (a plain Euler grid; the samplers come with the pipelines)."""
-    s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
-    return shift * s / (1 + (shift - 1) * s)
+def write_demo_model(directory: Path) -> Path:
+    return write_tiny_model(directory, "t2v")
 
 
-def run_demo(cache_dir: Path, prompt: str, *, frames: int = 17, height: int = 128, width: int = 128,
-             steps: int = 8, guide_scale: float = 5.0, shift: float = 5.0, seed: int = 0) -> torch.Tensor:
-    """Text-to-video through the tiny model; returns the video ``[3, frames, H, W]`` in [-1, 1]."""
-    timings = {}
-    start = time.perf_counter()
+# Small enough for a CPU in seconds: 17 frames of 128x128, 8 steps.
+DEMO_SETTINGS = {"target_height": 128, "target_width": 128, "target_video_length": 17, "infer_steps": 8}
+
+
+def run_demo(cache_dir: Path, prompt: str, *, save_result_path: str | Path | None = None, seed: int = 0,
+             **settings):
+    """Text-to-video through the tiny model with the real pipeline; returns its ``GenerationResult``."""
+    from x2v.pipelines.wan import Pipeline
+
     model_dir = write_demo_model(cache_dir / "wan-demo-tiny")
-    tokenizer, text_encoder = x2v.load_tokenizer(model_dir), x2v.load_text_encoder(model_dir, dtype=torch.float32)
-    dit, vae = x2v.load_dit(model_dir), x2v.load_vae(model_dir)
-    timings["load"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        ids, mask = tokenizer([prompt, ""])
-        cond, uncond = trim_to_lengths(text_encoder(ids, mask), mask)
-    timings["text encode"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    latent_shape = (1, vae.z_dim, (frames - 1) // 4 + 1, height // 8, width // 8)
-    x = torch.randn(latent_shape, generator=torch.Generator().manual_seed(seed))
-    sigmas = flow_sigmas(steps, shift)
-    with torch.no_grad():
-        for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:]):
-            t = torch.tensor([sigma * 1000.0])
-            v_cond, v_uncond = dit(x, t, [cond]), dit(x, t, [uncond])
-            x = x + (next_sigma - sigma).item() * (v_uncond + guide_scale * (v_cond - v_uncond))
-    timings["denoise"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    with torch.no_grad():
-        video = vae.decode(x)[0]
-    timings["decode"] = time.perf_counter() - start
-    print(f"model: {model_dir} (random weights, official layout)")
-    print(f"DiT {dit.config.model_type} dim {dit.config.dim}, {dit.config.num_layers} layers; "
-          f"latent {tuple(x.shape[1:])}, {steps} steps with CFG {guide_scale}")
-    print(f"video: {tuple(video.shape)} in [{video.min():.2f}, {video.max():.2f}]")
-    print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-    return video
+    pipe = Pipeline.from_pretrained(model_dir, device="cpu", **{**DEMO_SETTINGS, **settings})
+    result = pipe.generate(prompt, seed=seed, save_result_path=save_result_path)
+    print(f"model: {model_dir} (random weights, official layout; {pipe.model_cls}, task {pipe.task})")
+    print(result.report())
+    return result

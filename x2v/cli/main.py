@@ -7,23 +7,16 @@ import os
 import sys
 from pathlib import Path
 
+from x2v.cli.generate import add_generate_arguments, run_generate
+
 DEFAULT_CACHE = Path(os.environ.get("X2V_CACHE", Path.home() / ".cache" / "x2v"))
 
 
 def demo(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
     from x2v.demo import run_demo
 
-    video = run_demo(args.cache_dir, args.prompt, frames=args.frames, steps=args.steps, seed=args.seed)
-    frames = ((video.permute(1, 2, 3, 0).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, frames.numpy())
-    tmp.replace(out)
-    print(f"frames [F, H, W, 3] uint8 written to {out}")
+    run_demo(args.cache_dir, args.prompt, save_result_path=args.output, seed=args.seed,
+             target_video_length=args.frames, infer_steps=args.steps)
     return 0
 
 
@@ -54,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--output", default="x2v_demo_frames.npy")
+    p.add_argument("--output", default="x2v_demo.mp4")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="what a model directory or file holds, and every problem with its fix")
     p.add_argument("path", type=Path, help="model directory, DiT folder or checkpoint file")
@@ -62,16 +55,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype for the memory estimate")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=inspect)
+    p = sub.add_parser("generate", help="generate a video (LightX2V's flags; python -m x2v.infer takes the same)")
+    add_generate_arguments(p, model_path_required=False)
+    p.set_defaults(func=run_generate)
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except Exception as e:  # user-facing errors: one clear line, no traceback
-        from x2v.errors import X2VError
+    return run_command(args.func, args)
 
-        if isinstance(e, (X2VError, ValueError)):
-            print(f"x2v: error: {e}", file=sys.stderr)
-            return 2
-        raise
+
+def run_command(func, args: argparse.Namespace) -> int:
+    """Run a subcommand; bad input gives one clear line and exit status 2, not a traceback."""
+    from x2v.errors import X2VError
+
+    try:
+        return func(args)
+    except (X2VError, ValueError) as e:
+        print(f"x2v: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -6,12 +6,18 @@ import json
 import re
 from pathlib import Path
 
-# A string literal, a // or /* */ comment, or a comma before a closing bracket; strings are kept as they are.
-_TOKEN = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/|,(?=\s*[}\]])', re.S)
+# String literals are matched first so that their contents are kept as they are.
+_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/', re.S)
+_TRAILING_COMMA = re.compile(r'"(?:\\.|[^"\\])*"|,(?=\s*[}\]])')
+
+
+def _drop_all_but_strings(pattern: re.Pattern, text: str) -> str:
+    return pattern.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "", text)
 
 
 def loads(text: str) -> dict:
-    return json.loads(_TOKEN.sub(lambda m: m.group(0) if m.group(0).startswith('"') else "", text))
+    """Comments go first, so a trailing comma followed by a comment is still found."""
+    return json.loads(_drop_all_but_strings(_TRAILING_COMMA, _drop_all_but_strings(_COMMENT, text)))
 
 
 def load(path: str | Path) -> dict:

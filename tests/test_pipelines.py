@@ -1,0 +1,132 @@
+"""End to end: every model class and task on a tiny official-layout model, written as mp4 and read back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from x2v.demo import write_tiny_model
+from x2v.pipelines import conditioning as cond
+from x2v.pipelines.schedulers import make_scheduler
+from x2v.pipelines.video import read_mp4
+from x2v.pipelines.wan import HIGH, LOW, Pipeline
+
+SMALL = dict(target_height=64, target_width=64, target_video_length=5, infer_steps=2)
+IMAGE = torch.linspace(-1, 1, 3 * 48 * 80).reshape(3, 48, 80)  # a 48x80 (h x w) gradient picture
+LAST = IMAGE.flip(-1)
+
+# kind of tiny model -> (expected model_cls, task, inputs to generate, fps)
+CASES = {
+    "t2v": ("wan2.1", "t2v", {}, 16),
+    "i2v": ("wan2.1", "i2v", {"image": IMAGE}, 16),
+    "flf2v": ("wan2.1", "flf2v", {"image": IMAGE, "last_image": LAST}, 16),
+    "vace": ("wan2.1_vace", "vace", {}, 16),
+    "moe_t2v": ("wan2.2_moe", "t2v", {}, 16),
+    "moe_i2v": ("wan2.2_moe", "i2v", {"image": IMAGE}, 16),
+    "ti2v": ("wan2.2", "t2v", {}, 24),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {kind: write_tiny_model(root / kind, kind) for kind in list(CASES)}
+
+
+def expected_size(kind: str, task: str) -> tuple[int, int]:
+    if task in ("i2v", "flf2v"):
+        return cond.i2v_size(48, 80, 64 * 64)
+    return 64, 64
+
+
+@pytest.mark.parametrize("kind", list(CASES))
+def test_generates_a_video_deterministically(models, kind, tmp_path):
+    model_cls, task, inputs, fps = CASES[kind]
+    pipe = Pipeline.from_pretrained(models[kind], device="cpu", **SMALL)
+    assert (pipe.model_cls, pipe.task) == (model_cls, task)
+    out = pipe.generate("a cat on the grass", seed=3, save_result_path=tmp_path / "v.mp4", progress=False, **inputs)
+    again = pipe.generate("a cat on the grass", seed=3, progress=False, **inputs)
+    other = pipe.generate("a cat on the grass", seed=4, progress=False, **inputs)
+    height, width = expected_size(kind, task)
+    assert out.frames.shape == (5, height, width, 3) and out.frames.dtype == np.uint8
+    np.testing.assert_array_equal(out.frames, again.frames)
+    assert not np.array_equal(out.frames, other.frames)
+    frames, read_fps = read_mp4(out.path)
+    assert frames.shape == (5, height, width, 3) and read_fps == fps
+    assert set(out.timings) >= {"load", "text encode", "denoise", "decode", "save"}
+
+
+def test_ti2v_image_to_video_keeps_the_first_latent(models):
+    pipe = Pipeline.from_pretrained(models["ti2v"], task="i2v", device="cpu", **SMALL)
+    result = pipe.generate("a dog", image=IMAGE, seed=0, progress=False)
+    w, h = cond.ti2v_size(80, 48, 64 * 64)
+    assert result.frames.shape == (5, h, w, 3)
+    # Frame 0 decodes from the image's own latent, so it does not depend on the seed.
+    other = pipe.generate("a dog", image=IMAGE, seed=1, progress=False)
+    np.testing.assert_array_equal(result.frames[0], other.frames[0])
+    assert not np.array_equal(result.frames[1:], other.frames[1:])
+
+
+def test_distilled_model_runs_four_steps_without_cfg(models, monkeypatch):
+    pipe = Pipeline.from_pretrained(models["t2v"], "wan2.1_distill", device="cpu", **{**SMALL, "infer_steps": None})
+    calls = []
+    dit = pipe.dits["dit"]
+    monkeypatch.setattr(dit, "forward", lambda *a, _f=dit.forward, **k: calls.append(a[1]) or _f(*a, **k))
+    pipe.generate("a car", seed=0, progress=False)
+    assert [float(t) for t in calls] == pytest.approx([1000.0, 937.5, 833.3333, 625.0], abs=1e-3)
+
+
+def test_moe_expert_split_follows_the_boundary(models):
+    pipe = Pipeline.from_pretrained(models["moe_t2v"], device="cpu", **SMALL)
+    settings = {**pipe.settings, "infer_steps": 40, "sample_shift": 12.0, "boundary": 0.875}
+    scheduler = make_scheduler("unipc", 40, 12.0)
+    experts = [pipe.expert_for(settings, i, t) for i, t in enumerate(scheduler.timesteps)]
+    assert experts.count(HIGH) == 26 and experts.count(LOW) == 14
+
+
+def test_i2v_needs_an_image(models):
+    pipe = Pipeline.from_pretrained(models["i2v"], device="cpu", **SMALL)
+    with pytest.raises(ValueError, match="needs an image"):
+        pipe.generate("a cat", progress=False)
+
+
+def test_i2v_task_on_t2v_weights_is_refused(models):
+    with pytest.raises(Exception, match="task i2v needs an image-to-video DiT"):
+        Pipeline.from_pretrained(models["t2v"], task="i2v", device="cpu", **SMALL)
+
+
+def test_official_i2v_size_rule():
+    assert cond.i2v_size(480, 832, 832 * 480) == (464, 832)  # float64 edge case of the official code
+    assert cond.i2v_size(720, 1280, 1280 * 720) == (720, 1280)
+    assert cond.i2v_size(1000, 1000, 832 * 480) == (624, 624)
+
+
+def test_i2v_and_flf2v_masks():
+    mask = cond.i2v_mask(9, 2, 3)
+    assert mask.shape == (4, 3, 2, 3)
+    assert mask[:, 0].eq(1).all() and mask[:, 1:].eq(0).all()
+    flf = cond.i2v_mask(9, 2, 3, last_frame=True)
+    assert flf[3, -1].eq(1).all() and flf[:3, -1].eq(0).all()
+
+
+def test_cli_with_lightx2v_config(models, tmp_path, capsys):
+    from x2v.infer import main
+
+    config = tmp_path / "wan_t2v.json"
+    config.write_text("""{
+        // LightX2V style: comments and a trailing comma
+        "infer_steps": 2,
+        "target_video_length": 5,
+        "target_height": 64, "target_width": 64,  /* small */
+        "sample_guide_scale": 5.0,
+        "sample_shift": 5.0,
+        "enable_cfg": true,
+    }""")
+    out = tmp_path / "cli.mp4"
+    code = main(["--model_cls", "wan2.1", "--task", "t2v", "--model_path", str(models["t2v"]), "--config_json",
+                 str(config), "--prompt", "a red car", "--seed", "7", "--save_result_path", str(out)])
+    assert code == 0
+    frames, fps = read_mp4(out)
+    assert frames.shape == (5, 64, 64, 3) and fps == 16
+    assert "5 frames 64x64 at 16 fps, seed 7" in capsys.readouterr().out

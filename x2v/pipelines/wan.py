@@ -1,0 +1,265 @@
+"""Text/image-to-video generation with every Wan model class: one pipeline, the model's files decide the path.
+
+``Pipeline.from_pretrained(model_path)`` resolves and loads the components (the model class and task are read
+from the weights where the files say them); ``.generate(prompt, ...)`` runs text encoding, image/video
+conditioning, the denoising loop (CFG, Wan2.2 experts, TI2V first-frame latent) and the VAE decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from x2v.formats import jsonc
+from x2v.formats.dit_keys import check_task
+from x2v.loading.dit import load_dit
+from x2v.loading.resolve import resolve_component, resolve_dit
+from x2v.models.t5 import trim_to_lengths
+from x2v.pipelines import conditioning as cond
+from x2v.pipelines.config import check_frames, guide_scales, resolve_settings
+from x2v.pipelines.schedulers import make_scheduler
+from x2v.pipelines.video import load_image, to_uint8_frames, write_mp4
+
+log = logging.getLogger(__name__)
+
+HIGH, LOW = "high_noise_model", "low_noise_model"
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # [F, H, W, 3] uint8
+    fps: int
+    video: torch.Tensor  # [3, F, H, W] in [-1, 1]
+    seed: int
+    path: Path | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory_bytes: int = 0
+
+    def report(self) -> str:
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
+        saved = f" -> {self.path}" if self.path else ""
+        return (f"{self.frames.shape[0]} frames {self.frames.shape[2]}x{self.frames.shape[1]} at {self.fps} fps, "
+                f"seed {self.seed}{saved}\ntime: {phases}\npeak memory: {self.peak_memory_bytes / 2**30:.2f} GiB")
+
+
+def model_class_of(dits: dict, settings: dict) -> str:
+    """LightX2V's ``model_cls`` for the loaded weights."""
+    distilled = bool(settings.get("denoising_step_list"))
+    if len(dits) == 2:
+        return "wan2.2_moe_distill" if distilled else "wan2.2_moe"
+    model_type = next(iter(dits.values())).config.model_type
+    if model_type == "ti2v":
+        return "wan2.2"
+    if model_type == "vace":
+        return "wan2.1_vace"
+    return "wan2.1_distill" if distilled else "wan2.1"
+
+
+def default_task(dit) -> str:
+    return {"i2v": "i2v", "flf2v": "flf2v", "vace": "vace"}.get(dit.config.model_type, "t2v")
+
+
+@contextmanager
+def timed(timings: dict, phase: str, device: torch.device):
+    start = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # host RSS, kB on Linux
+
+
+class Pipeline:
+    def __init__(self, *, model_cls: str, task: str, settings: dict, components: dict, device: torch.device,
+                 dtype: torch.dtype, load_seconds: float = 0.0):
+        self.model_cls, self.task, self.settings = model_cls, task, settings
+        self.tokenizer, self.text_encoder = components["tokenizer"], components["t5"]
+        self.dits, self.vae, self.clip = components["dits"], components["vae"], components.get("clip")
+        self.device, self.dtype, self.load_seconds = device, dtype, load_seconds
+
+    @classmethod
+    def from_pretrained(cls, model_path: str | Path, model_cls: str | None = None, task: str | None = None, *,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        config_json: str | Path | dict | None = None, **config) -> Pipeline:
+        """Load every component of ``model_path``. ``config_json`` (a LightX2V-style file or dict) and keyword
+        settings (LightX2V key names) override the defaults, keywords last."""
+        start = time.perf_counter()
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        user = jsonc.load(config_json) if isinstance(config_json, (str, Path)) else dict(config_json or {})
+        raw = {**user, **{k: v for k, v in config.items() if v is not None}}
+        found = resolve_dit(model_path, raw)
+        # Experts wait on the CPU; only the active one is moved to the GPU during sampling.
+        dit_device = "cpu" if len(found) == 2 else device
+        dits = {name: load_dit(f.path, dtype=dtype, device=dit_device, dit_quantized=raw.get("dit_quantized"),
+                               quant_scheme=raw.get("dit_quant_scheme")) for name, f in found.items()}
+        main = next(iter(dits.values()))
+        model_cls = model_cls or raw.get("model_cls") or model_class_of(dits, raw)
+        task = task or raw.get("task") or default_task(main)
+        check_task(main.config, task, str(next(iter(found.values())).path))
+        settings, warnings = resolve_settings(model_cls, task, config_file=user, overrides=config)
+        for warning in warnings:
+            log.warning(warning)
+
+        import x2v
+
+        def locate(name: str) -> Path:
+            return resolve_component(name, model_path, raw).path
+
+        components = {
+            "dits": dits,
+            "tokenizer": x2v.load_tokenizer(locate("tokenizer"), text_len=main.config.text_len),
+            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=device),
+            "vae": x2v.load_vae(locate("vae"), device=device),
+        }
+        if main.config.image_branch:
+            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype, device=device)
+        return cls(model_cls=model_cls, task=task, settings=settings, components=components, device=device,
+                   dtype=dtype, load_seconds=time.perf_counter() - start)
+
+    # --- generation -------------------------------------------------------------------------------------------
+
+    def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, last_image=None,
+                 src_video: torch.Tensor | None = None, src_mask: torch.Tensor | None = None, seed: int | None = None,
+                 save_result_path: str | Path | None = None, progress: bool = True, **overrides) -> GenerationResult:
+        """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1].
+        ``overrides`` are per-request settings (``infer_steps``, ``target_video_length``, ``sample_guide_scale``...).
+        Same seed and inputs give the same video."""
+        s = {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
+        seed = int(s.get("seed", 42) if seed is None else seed)
+        if seed < 0:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        frames = check_frames(int(s["target_video_length"]), self.task)
+        timings = {"load": self.load_seconds} if self.load_seconds else {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        cfg = bool(s.get("enable_cfg", True))
+        with torch.inference_mode():
+            with timed(timings, "text encode", self.device):
+                prompts = [prompt] + ([negative_prompt or s["negative_prompt"]] if cfg else [])
+                ids, mask = self.tokenizer(prompts)
+                contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
+            inputs = self.prepare_inputs(s, frames, image, last_image, src_video, src_mask, timings)
+            with timed(timings, "denoise", self.device):
+                latents = self.denoise(s, inputs, contexts, seed, progress)
+            with timed(timings, "decode", self.device):
+                video = self.vae.decode(latents.float())[0]
+            if inputs.get("ref_frames"):
+                video = video[:, 4 * inputs["ref_frames"]:]
+        result = GenerationResult(to_uint8_frames(video), int(s["fps"]), video.cpu(), seed, timings=timings,
+                                  peak_memory_bytes=peak_memory(self.device))
+        path = save_result_path or s.get("save_result_path")
+        if path:
+            with timed(timings, "save", self.device):
+                result.path = write_mp4(result.frames, path, result.fps)
+        return result
+
+    def prepare_inputs(self, s, frames, image, last_image, src_video, src_mask, timings) -> dict:
+        """Latent shape and the conditioning the DiT takes (``y``, ``clip_fea``, ``vace_context``, TI2V image)."""
+        stride_t, stride_h, stride_w = self.vae.stride
+        height, width = int(s["target_height"]), int(s["target_width"])
+        inputs: dict = {}
+        needs_image = self.task in ("i2v", "flf2v")
+        if needs_image and image is None:
+            raise ValueError(f"task {self.task} needs an image (image= / --image_path)")
+        if self.task == "flf2v" and last_image is None:
+            raise ValueError("task flf2v needs a last frame (last_image= / --last_frame_path)")
+        with timed(timings, "image encode", self.device):
+            if needs_image and self.model_cls == "wan2.2":  # TI2V-5B: the image becomes latent frame 0
+                first = load_image(image)
+                width, height = cond.ti2v_size(first.shape[2], first.shape[1], height * width)
+                picture = cond.resize_cover_crop(first, height, width)
+                inputs["first_latent"] = self.vae.encode(picture[None, :, None].to(self.device))
+            elif needs_image:
+                first = load_image(image)
+                last = load_image(last_image) if last_image is not None else None
+                height, width = cond.i2v_size(first.shape[1], first.shape[2], height * width, stride_h)
+                video = cond.conditioning_video(first, frames, height, width, last)
+                latent = self.vae.encode(video[None].to(self.device))
+                mask = cond.i2v_mask(frames, height // stride_h, width // stride_w, last is not None)
+                inputs["y"] = torch.cat([mask[None].to(self.device), latent], dim=1)
+                if self.clip is not None:
+                    pictures = [first] + ([last] if last is not None else [])
+                    features = [self.clip(p[None].to(self.device)) for p in pictures]
+                    inputs["clip_fea"] = torch.cat(features, dim=1)
+            elif self.task == "vace":
+                inputs.update(self.vace_inputs(frames, height, width, src_video, src_mask))
+        latent_frames = (frames - 1) // stride_t + 1 + inputs.get("ref_frames", 0)
+        inputs["shape"] = (1, self.vae.z_dim, latent_frames, height // stride_h, width // stride_w)
+        return inputs
+
+    def vace_inputs(self, frames, height, width, src_video, src_mask) -> dict:
+        """VACE context: [VAE(video*(1-mask)) 16, VAE(video*mask) 16, folded mask 64]. Without a source video
+        everything is generated (grey video, all-ones mask)."""
+        video = torch.zeros(3, frames, height, width) if src_video is None else src_video.float()
+        mask = torch.ones(frames, height, width) if src_mask is None else src_mask.float()
+        if video.shape[1:] != (frames, height, width) or mask.shape != (frames, height, width):
+            raise ValueError(f"VACE src_video must be [3, {frames}, {height}, {width}] and src_mask "
+                             f"[{frames}, {height}, {width}], got {list(video.shape)} and {list(mask.shape)}")
+        inactive = self.vae.encode((video * (1 - mask))[None].to(self.device))
+        reactive = self.vae.encode((video * mask)[None].to(self.device))
+        folded = cond.fold_vace_mask(mask, inactive.shape[2], self.vae.stride[1])[None].to(self.device)
+        return {"vace_context": torch.cat([inactive, reactive, folded], dim=1)}
+
+    def expert_for(self, s: dict, step: int, t: torch.Tensor) -> str:
+        """Wan2.2 A14B: high-noise expert while t >= boundary * 1000 (distilled: for the first steps)."""
+        if len(self.dits) == 1:
+            return next(iter(self.dits))
+        if s["sample_solver"] == "distill":
+            return HIGH if step < int(s["boundary_step_index"]) else LOW
+        return HIGH if float(t) >= float(s["boundary"]) * 1000 else LOW
+
+    def activate(self, name: str) -> torch.nn.Module:
+        """Move the chosen expert to the compute device and the other one off it."""
+        for other, model in self.dits.items():
+            if other != name and self.device.type != "cpu":
+                model.to("cpu")
+        return self.dits[name].to(self.device)
+
+    def denoise(self, s: dict, inputs: dict, contexts: list[torch.Tensor], seed: int, progress: bool) -> torch.Tensor:
+        generator = torch.Generator(self.device).manual_seed(seed)
+        x = torch.randn(inputs["shape"], generator=generator, device=self.device, dtype=torch.float32)
+        distill = s["sample_solver"] == "distill"
+        scheduler = make_scheduler(s["sample_solver"], None if distill else int(s["infer_steps"]),
+                                   float(s["sample_shift"]), denoising_step_list=s["denoising_step_list"] if distill else None)
+        scales = guide_scales(s, moe=len(self.dits) == 2)
+        first_latent = inputs.get("first_latent")
+        if first_latent is not None:
+            keep = torch.ones_like(x)
+            keep[:, :, 0] = 0  # TI2V: latent frame 0 is the image, kept fixed
+            x = (1 - keep) * first_latent + keep * x
+        extra = {k: inputs[k] for k in ("y", "clip_fea", "vace_context") if k in inputs}
+        steps = list(enumerate(scheduler.timesteps))
+        if progress:
+            from tqdm import tqdm
+
+            steps = tqdm(steps, desc="denoise", unit="step")
+        active = None
+        for i, t in steps:
+            name = self.expert_for(s, i, t)
+            if name != active:
+                dit, active = self.activate(name), name
+            timestep = t.reshape(1).to(self.device)
+            if first_latent is not None:
+                timestep = cond.per_token_timesteps(timestep, keep[0, 0])
+            velocity = dit(x, timestep, contexts[:1], **extra)
+            if len(contexts) == 2:  # classifier-free guidance
+                uncond = dit(x, timestep, contexts[1:], **extra)
+                scale = scales["high" if name == HIGH else "low"]
+                velocity = uncond + scale * (velocity - uncond)
+            x = scheduler.step(velocity, i, x)
+            if first_latent is not None:
+                x = (1 - keep) * first_latent + keep * x
+        return x
