@@ -130,3 +130,20 @@ def test_cli_with_lightx2v_config(models, tmp_path, capsys):
     frames, fps = read_mp4(out)
     assert frames.shape == (5, 64, 64, 3) and fps == 16
     assert "5 frames 64x64 at 16 fps, seed 7" in capsys.readouterr().out
+
+
+def test_vace_edits_a_source_video(models, tmp_path):
+    from x2v.pipelines.video import write_mp4
+
+    pipe = Pipeline.from_pretrained(models["vace"], device="cpu", **SMALL)
+    source = np.zeros((5, 64, 64, 3), np.uint8)
+    source[:, :, :32] = 200  # left half given
+    mask = np.zeros((5, 64, 64, 3), np.uint8)
+    mask[:, :, 32:] = 255  # right half generated
+    write_mp4(source, tmp_path / "src.mp4", 16)
+    write_mp4(mask, tmp_path / "mask.mp4", 16)
+    edited = pipe.generate("a cat", src_video=tmp_path / "src.mp4", src_mask=tmp_path / "mask.mp4", seed=0,
+                           progress=False)
+    free = pipe.generate("a cat", seed=0, progress=False)
+    assert edited.frames.shape == (5, 64, 64, 3)
+    assert not np.array_equal(edited.frames, free.frames)  # the source video conditions the result

@@ -9,6 +9,8 @@ _LAZY = {
     "load_tokenizer": "x2v.loading.text_encoder",
     "load_image_encoder": "x2v.loading.image_encoder",
     "load_vae": "x2v.loading.vae",
+    "Pipeline": "x2v.pipelines.wan",
+    "inspect_model": "x2v.loading.inspect",
 }
 
 __all__ = ["CheckpointError", "UnsupportedModelError", "X2VError", *_LAZY]

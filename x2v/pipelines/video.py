@@ -62,3 +62,18 @@ def load_image(image) -> torch.Tensor:
     elif not isinstance(image, np.ndarray):
         image = np.asarray(image.convert("RGB"))
     return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def load_video(video) -> torch.Tensor:
+    """An mp4 path or a ``[3, F, H, W]`` tensor in [-1, 1] -> float32 ``[3, F, H, W]`` in [-1, 1]."""
+    if isinstance(video, torch.Tensor):
+        return video.float()
+    frames, _ = read_mp4(video)
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1
+
+
+def load_mask(mask) -> torch.Tensor:
+    """A mask video (white = generate) or ``[F, H, W]`` tensor -> float32 ``[F, H, W]`` of 0/1."""
+    if isinstance(mask, torch.Tensor):
+        return mask.float()
+    return (load_video(mask).mean(0) > 0).float()

@@ -25,7 +25,7 @@ from x2v.models.t5 import trim_to_lengths
 from x2v.pipelines import conditioning as cond
 from x2v.pipelines.config import check_frames, guide_scales, resolve_settings
 from x2v.pipelines.schedulers import make_scheduler
-from x2v.pipelines.video import load_image, to_uint8_frames, write_mp4
+from x2v.pipelines.video import load_image, load_mask, load_video, to_uint8_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -132,9 +132,10 @@ class Pipeline:
     # --- generation -------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, last_image=None,
-                 src_video: torch.Tensor | None = None, src_mask: torch.Tensor | None = None, seed: int | None = None,
+                 src_video=None, src_mask=None, seed: int | None = None,
                  save_result_path: str | Path | None = None, progress: bool = True, **overrides) -> GenerationResult:
-        """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1].
+        """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1];
+        ``src_video`` / ``src_mask`` (VACE): mp4 paths or tensors ``[3, F, H, W]`` / ``[F, H, W]`` (1 = generate).
         ``overrides`` are per-request settings (``infer_steps``, ``target_video_length``, ``sample_guide_scale``...).
         Same seed and inputs give the same video."""
         s = {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
@@ -156,8 +157,6 @@ class Pipeline:
                 latents = self.denoise(s, inputs, contexts, seed, progress)
             with timed(timings, "decode", self.device):
                 video = self.vae.decode(latents.float())[0]
-            if inputs.get("ref_frames"):
-                video = video[:, 4 * inputs["ref_frames"]:]
         result = GenerationResult(to_uint8_frames(video), int(s["fps"]), video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
         path = save_result_path or s.get("save_result_path")
@@ -171,40 +170,44 @@ class Pipeline:
         stride_t, stride_h, stride_w = self.vae.stride
         height, width = int(s["target_height"]), int(s["target_width"])
         inputs: dict = {}
-        needs_image = self.task in ("i2v", "flf2v")
-        if needs_image and image is None:
-            raise ValueError(f"task {self.task} needs an image (image= / --image_path)")
-        if self.task == "flf2v" and last_image is None:
-            raise ValueError("task flf2v needs a last frame (last_image= / --last_frame_path)")
-        with timed(timings, "image encode", self.device):
-            if needs_image and self.model_cls == "wan2.2":  # TI2V-5B: the image becomes latent frame 0
-                first = load_image(image)
-                width, height = cond.ti2v_size(first.shape[2], first.shape[1], height * width)
-                picture = cond.resize_cover_crop(first, height, width)
-                inputs["first_latent"] = self.vae.encode(picture[None, :, None].to(self.device))
-            elif needs_image:
-                first = load_image(image)
-                last = load_image(last_image) if last_image is not None else None
-                height, width = cond.i2v_size(first.shape[1], first.shape[2], height * width, stride_h)
-                video = cond.conditioning_video(first, frames, height, width, last)
-                latent = self.vae.encode(video[None].to(self.device))
-                mask = cond.i2v_mask(frames, height // stride_h, width // stride_w, last is not None)
-                inputs["y"] = torch.cat([mask[None].to(self.device), latent], dim=1)
-                if self.clip is not None:
-                    pictures = [first] + ([last] if last is not None else [])
-                    features = [self.clip(p[None].to(self.device)) for p in pictures]
-                    inputs["clip_fea"] = torch.cat(features, dim=1)
-            elif self.task == "vace":
+        if self.task in ("i2v", "flf2v"):
+            if image is None:
+                raise ValueError(f"task {self.task} needs an image (image= / --image_path)")
+            if self.task == "flf2v" and last_image is None:
+                raise ValueError("task flf2v needs a last frame (last_image= / --last_frame_path)")
+            with timed(timings, "image encode", self.device):
+                height, width = self.image_conditioning(inputs, frames, height * width, image, last_image)
+        elif self.task == "vace":
+            with timed(timings, "video encode", self.device):
                 inputs.update(self.vace_inputs(frames, height, width, src_video, src_mask))
-        latent_frames = (frames - 1) // stride_t + 1 + inputs.get("ref_frames", 0)
-        inputs["shape"] = (1, self.vae.z_dim, latent_frames, height // stride_h, width // stride_w)
+        inputs["shape"] = (1, self.vae.z_dim, (frames - 1) // stride_t + 1, height // stride_h, width // stride_w)
         return inputs
+
+    def image_conditioning(self, inputs: dict, frames: int, area: int, image, last_image) -> tuple[int, int]:
+        """Fill ``inputs`` from the first (and last) frame; returns the output (height, width) they imply."""
+        first = load_image(image)
+        if self.model_cls == "wan2.2":  # TI2V-5B: the image becomes latent frame 0
+            width, height = cond.ti2v_size(first.shape[2], first.shape[1], area)
+            picture = cond.resize_cover_crop(first, height, width)
+            inputs["first_latent"] = self.vae.encode(picture[None, :, None].to(self.device))
+            return height, width
+        # Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B: mask + conditioning latent on the channels, CLIP tokens (Wan2.1)
+        stride = self.vae.stride[1]
+        last = load_image(last_image) if last_image is not None else None
+        height, width = cond.i2v_size(first.shape[1], first.shape[2], area, stride)
+        latent = self.vae.encode(cond.conditioning_video(first, frames, height, width, last)[None].to(self.device))
+        mask = cond.i2v_mask(frames, height // stride, width // stride, last is not None)
+        inputs["y"] = torch.cat([mask[None].to(self.device), latent], dim=1)
+        if self.clip is not None:
+            pictures = [first] + ([last] if last is not None else [])
+            inputs["clip_fea"] = torch.cat([self.clip(p[None].to(self.device)) for p in pictures], dim=1)
+        return height, width
 
     def vace_inputs(self, frames, height, width, src_video, src_mask) -> dict:
         """VACE context: [VAE(video*(1-mask)) 16, VAE(video*mask) 16, folded mask 64]. Without a source video
         everything is generated (grey video, all-ones mask)."""
-        video = torch.zeros(3, frames, height, width) if src_video is None else src_video.float()
-        mask = torch.ones(frames, height, width) if src_mask is None else src_mask.float()
+        video = torch.zeros(3, frames, height, width) if src_video is None else load_video(src_video)
+        mask = torch.ones(frames, height, width) if src_mask is None else load_mask(src_mask)
         if video.shape[1:] != (frames, height, width) or mask.shape != (frames, height, width):
             raise ValueError(f"VACE src_video must be [3, {frames}, {height}, {width}] and src_mask "
                              f"[{frames}, {height}, {width}], got {list(video.shape)} and {list(mask.shape)}")
