@@ -175,6 +175,9 @@ _COMMON = {
     "enable_cfg": True,
     "sample_solver": "unipc",
     "seed": 42,
+    # x2v: where the initial noise is drawn. "device" matches the official code (a CUDA generator on a GPU);
+    # "cpu" gives the same noise, hence the same video up to rounding, on every device (pitfall E08).
+    "noise_device": "device",
 }
 
 # LightX2V's distilled configs: 4 steps, shift 5, no CFG (sampling.md §9).
@@ -231,6 +234,7 @@ def defaults(model_cls: str, task: str) -> dict[str, Any]:
 # Known keys (formats.md §5, §10.2-§10.4, wan-models.md §6)
 
 KEY_GROUPS: dict[str, tuple[str, ...]] = {
+    "x2v": ("noise_device",),
     # CLI flags and per-request inputs of `python -m lightx2v.infer` (§10.3), as argparse dests.
     "run": (
         "model_cls", "task", "model_path", "config_json", "prompt", "negative_prompt", "seed", "image_path",

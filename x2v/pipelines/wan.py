@@ -232,8 +232,9 @@ class Pipeline:
         return self.dits[name].to(self.device)
 
     def denoise(self, s: dict, inputs: dict, contexts: list[torch.Tensor], seed: int, progress: bool) -> torch.Tensor:
-        generator = torch.Generator(self.device).manual_seed(seed)
-        x = torch.randn(inputs["shape"], generator=generator, device=self.device, dtype=torch.float32)
+        noise_device = self.device if s["noise_device"] == "device" else torch.device(s["noise_device"])
+        generator = torch.Generator(noise_device).manual_seed(seed)
+        x = torch.randn(inputs["shape"], generator=generator, device=noise_device).to(self.device)
         distill = s["sample_solver"] == "distill"
         scheduler = make_scheduler(s["sample_solver"], None if distill else int(s["infer_steps"]),
                                    float(s["sample_shift"]), denoising_step_list=s["denoising_step_list"] if distill else None)

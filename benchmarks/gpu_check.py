@@ -1,0 +1,97 @@
+"""GPU checks of the paths CPU tests cannot reach: pipelines, expert swapping and quantized loading on CUDA.
+
+    python benchmarks/gpu_check.py [--out DIR]
+
+Each tiny model kind generates on the GPU and on the CPU in float32 (TF32 off) with the same seed; the frames
+must agree to a few uint8 levels (``noise_device: "cpu"`` gives both the same initial noise).
+Prints one line per check and exits non-zero on a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from x2v.demo import write_tiny_model  # noqa: E402
+from x2v.pipelines.wan import Pipeline  # noqa: E402
+
+SMALL = dict(target_height=64, target_width=64, target_video_length=9, infer_steps=4)
+IMAGE = torch.linspace(-1, 1, 3 * 48 * 80).reshape(3, 48, 80)
+
+
+def check_pipelines(root: Path, gpu: str) -> list[str]:
+    failures = []
+    torch.backends.cuda.matmul.allow_tf32 = False  # compare float32 with float32
+    torch.backends.cudnn.allow_tf32 = False
+    for kind, task, inputs in (("t2v", None, {}), ("i2v", None, {"image": IMAGE}), ("moe_i2v", None, {"image": IMAGE}),
+                               ("ti2v", "i2v", {"image": IMAGE}), ("vace", None, {})):
+        model = write_tiny_model(root / kind, kind)
+        frames = {}
+        for device in (gpu, "cpu"):
+            pipe = Pipeline.from_pretrained(model, task=task, device=device, dtype=torch.float32, noise_device="cpu",
+                                            **SMALL)
+            start = time.perf_counter()
+            frames[device] = pipe.generate("a cat", seed=5, progress=False, **inputs).frames.astype(int)
+            seconds = time.perf_counter() - start
+            if kind.startswith("moe") and device == gpu:
+                placement = {name: next(m.parameters()).device.type for name, m in pipe.dits.items()}
+                ok = gpu == "cpu" or list(placement.values()).count("cuda") == 1
+                print(f"{'ok ' if ok else 'FAIL'} {kind}: only the active expert on the GPU: {placement}")
+                failures += [] if ok else [f"{kind} expert placement"]
+        diff = np.abs(frames[gpu] - frames["cpu"])
+        ok = diff.max() <= 8 and diff.mean() < 1.0
+        print(f"{'ok ' if ok else 'FAIL'} {kind}: GPU vs CPU frames max |diff| {diff.max()} mean {diff.mean():.3f} "
+              f"(uint8 levels), gpu run {seconds:.2f} s")
+        failures += [] if ok else [kind]
+    return failures
+
+
+def check_quantized_load(root: Path, gpu: str) -> list[str]:
+    from safetensors.torch import save_file
+
+    from x2v.formats.readers import read_checkpoint
+    from x2v.loading.dit import load_dit
+
+    model = write_tiny_model(root / "t2v", "t2v")
+    tensors = read_checkpoint(model / "diffusion_pytorch_model.safetensors.index.json")
+    quantized = {}
+    for name, t in tensors.items():
+        if name.startswith("blocks.") and name.endswith(("attn.q.weight", "ffn.0.weight")):
+            scale = t.abs().amax(dim=1, keepdim=True) / 448
+            quantized[name] = (t / scale).to(torch.float8_e4m3fn)
+            quantized[name.replace(".weight", ".weight_scale")] = scale
+        else:
+            quantized[name] = t.contiguous()
+    path = root / "fp8.safetensors"
+    save_file(quantized, str(path))
+    on_gpu = load_dit(path, dtype=torch.bfloat16, device=gpu).state_dict()
+    on_cpu = load_dit(path, dtype=torch.bfloat16).state_dict()
+    worst = max((on_gpu[k].cpu().float() - v.float()).abs().max().item() for k, v in on_cpu.items())
+    ok = worst == 0.0
+    print(f"{'ok ' if ok else 'FAIL'} fp8 file loaded straight to the GPU equals the CPU load (max diff {worst})")
+    return [] if ok else ["quantized load"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="where the tiny models go (default: a temp dir)")
+    parser.add_argument("--device", default="cuda", help="cpu only to try the script itself")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {name}, torch {torch.__version__}")
+    root = args.out or Path(tempfile.mkdtemp())
+    failures = check_quantized_load(root, args.device) + check_pipelines(root, args.device)
+    print("all GPU checks passed" if not failures else f"FAILED: {failures}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
