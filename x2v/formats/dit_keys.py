@@ -68,32 +68,23 @@ def is_diffusers_layout(keys) -> bool:
     return any(k.startswith("condition_embedder.") or ".attn1.to_q." in k for k in keys)
 
 
-def diffusers_key_to_official(key: str) -> str:
+def _rename(key: str, block_pairs: list[tuple[str, str]], top_pairs: list[tuple[str, str]]) -> str:
+    """Replace the first matching (old, new) name fragment: block-level pairs inside ``blocks.N.``, top-level else."""
     block = re.match(r"^((?:vace_)?blocks\.\d+\.)(.*)$", key)
-    if block:
-        prefix, rest = block.groups()
-        for src, dst in _DIFFUSERS_BLOCK_RENAMES:
-            if rest.startswith(src):
-                return prefix + dst + rest[len(src):]
-        return key
-    for src, dst in _DIFFUSERS_TOP_RENAMES.items():
-        if key.startswith(src):
-            return dst + key[len(src):]
+    prefix, rest = block.groups() if block else ("", key)
+    for old, new in block_pairs if block else top_pairs:
+        if rest.startswith(old):
+            return prefix + new + rest[len(old):]
     return key
+
+
+def diffusers_key_to_official(key: str) -> str:
+    return _rename(key, _DIFFUSERS_BLOCK_RENAMES, list(_DIFFUSERS_TOP_RENAMES.items()))
 
 
 def official_key_to_diffusers(key: str) -> str:
-    block = re.match(r"^((?:vace_)?blocks\.\d+\.)(.*)$", key)
-    if block:
-        prefix, rest = block.groups()
-        for dst, src in _DIFFUSERS_BLOCK_RENAMES:
-            if rest.startswith(src):
-                return prefix + dst + rest[len(src):]
-        return key
-    for dst, src in _DIFFUSERS_TOP_RENAMES.items():
-        if key.startswith(src):
-            return dst + key[len(src):]
-    return key
+    return _rename(key, [(new, old) for old, new in _DIFFUSERS_BLOCK_RENAMES],
+                   [(new, old) for old, new in _DIFFUSERS_TOP_RENAMES.items()])
 
 
 def to_official(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

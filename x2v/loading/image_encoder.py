@@ -11,6 +11,7 @@ import torch
 from x2v.errors import CheckpointError
 from x2v.formats.clip_keys import OFFICIAL_PREFIX, infer_config, to_official
 from x2v.formats.readers import read_checkpoint
+from x2v.loading.resolve import one_candidate
 from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
 from x2v.models.clip import ClipVisionConfig, ClipVisionTower
 
@@ -37,19 +38,9 @@ def find_image_encoder_checkpoint(model_dir: Path) -> Path:
             return folder / OFFICIAL_FILE
     candidates = [f for f in checkpoint_files(model_dir) if "clip" in f.name.lower()]
     candidates += checkpoint_files(model_dir / SUBFOLDER)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise CheckpointError(
-            f"{model_dir}: no CLIP image encoder checkpoint: expected {OFFICIAL_FILE} (or one other *clip* "
-            f"checkpoint) here or in {SUBFOLDER}/. Only Wan2.1 I2V and FLF2V use the CLIP image encoder: download "
-            "that file from the model's repository, or set the config key clip_original_ckpt to it."
-        )
-    names = ", ".join(str(f.relative_to(model_dir)) for f in candidates)
-    raise CheckpointError(
-        f"{model_dir}: several candidate CLIP image encoder checkpoints: {names}. Set the config key "
-        "`clip_original_ckpt` (or pass the file's path) to the one to use."
-    )
+    return one_candidate(model_dir, candidates, "CLIP image encoder",
+                         f"{OFFICIAL_FILE} or one other *clip* checkpoint here or in {SUBFOLDER}/", "clip_original_ckpt",
+                         note=" Only Wan2.1 I2V and FLF2V use the CLIP image encoder.")
 
 
 def tower_tensors(official: dict[str, torch.Tensor], config: ClipVisionConfig) -> dict[str, torch.Tensor]:

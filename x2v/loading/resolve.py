@@ -34,6 +34,19 @@ class Found:
         return f"{self.path} ({self.how})"
 
 
+def one_candidate(directory: Path, candidates: list[Path], what: str, looked_for: str, config_key: str,
+                  note: str = "") -> Path:
+    """The single candidate; none or several is an error that lists them and names the key that chooses."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise CheckpointError(f"{directory}: no {what} found (looked for {looked_for}).{note} Pass the file itself, "
+                              f"or set the config key {config_key} to it.")
+    listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
+    raise CheckpointError(f"{directory}: {len(candidates)} {what} checkpoints found ({listing}); x2v will not guess "
+                          f"or merge them. Set the config key {config_key} to the one you want.")
+
+
 def _existing(path: str | Path, key: str) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
@@ -63,19 +76,10 @@ def dit_candidates(directory: Path) -> list[Path]:
 def find_dit_file(directory: Path, choose_keys: str) -> Found:
     """The one DiT checkpoint of ``directory``; several are an error, never a merge (pitfall A01)."""
     candidates = dit_candidates(directory)
-    if len(candidates) == 1:
-        what = "block-split folder" if candidates[0] == directory else "the only DiT checkpoint"
-        return Found(candidates[0], f"{what} in {directory}")
-    if not candidates:
-        raise CheckpointError(
-            f"{directory}: no DiT checkpoint found (expected {OFFICIAL_DIT_STEM}*.safetensors with its index, "
-            f"one .safetensors file, or non_block.safetensors + block_N.safetensors). Set {choose_keys}."
-        )
-    raise CheckpointError(
-        f"{directory}: {len(candidates)} DiT checkpoints, x2v will not guess or merge them: "
-        + ", ".join(p.name for p in candidates)
-        + f". Set {choose_keys} to the one you want."
-    )
+    found = one_candidate(directory, candidates, "DiT", f"{OFFICIAL_DIT_STEM}*.safetensors with its index, one "
+                          ".safetensors file, or non_block.safetensors + block_N.safetensors", choose_keys)
+    what = "block-split folder" if found == directory else "the only DiT checkpoint"
+    return Found(found, f"{what} in {directory}")
 
 
 def _dit_at(path: Path, how: str, choose_keys: str) -> Found:

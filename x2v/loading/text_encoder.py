@@ -11,6 +11,7 @@ from x2v.errors import CheckpointError, UnsupportedModelError
 from x2v.formats.readers import read_checkpoint
 from x2v.formats.t5_keys import infer_config, to_official
 from x2v.formats.tokenizer import WanTokenizer
+from x2v.loading.resolve import one_candidate
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.t5 import T5Encoder
 
@@ -39,19 +40,9 @@ def find_t5_checkpoint(directory: Path) -> Path:
     official = [f for f in files if f.name == OFFICIAL_T5_NAME]
     candidates = official or [f for f in files if looks_like_t5_checkpoint(f.name)]
     candidates = candidates or [directory / f for f in DIFFUSERS_T5_FILES if (directory / f).is_file()][:1]
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise CheckpointError(
-            f"{directory}: no umT5 text encoder checkpoint found (looked for {OFFICIAL_T5_NAME}, models_t5_*.pth "
-            "and *umt5*.pth/.safetensors at the top level and one folder down, and a diffusers text_encoder/ folder). "
-            "Pass the checkpoint file itself, or set the config key t5_original_ckpt to it."
-        )
-    listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
-    raise CheckpointError(
-        f"{directory}: {len(candidates)} umT5 checkpoints found ({listing}); x2v cannot tell which to use. "
-        "Pass the file path of the one you want, or set the config key t5_original_ckpt to it."
-    )
+    return one_candidate(directory, candidates, "umT5 text encoder",
+                         f"{OFFICIAL_T5_NAME}, models_t5_*.pth and *umt5*.pth/.safetensors at the top level and one "
+                         "folder down, and a diffusers text_encoder/ folder", "t5_original_ckpt")
 
 
 def reject_quantized(tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from x2v.errors import CheckpointError
 from x2v.formats.readers import read_checkpoint
 from x2v.formats.vae_keys import detect_version, infer_config, to_official
+from x2v.loading.resolve import one_candidate
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.vae import CausalVAE, Wan21VAE
 from x2v.models.vae22 import Wan22VAE
@@ -44,19 +45,8 @@ def find_vae_checkpoint(directory: Path) -> Path:
         candidates.append(weights)
     if is_diffusers_vae_folder(directory) and (weights := diffusers_weights(directory)):
         candidates.append(weights)
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise CheckpointError(
-            f"{directory}: no VAE found (looked for {' and '.join(OFFICIAL_VAE_NAMES)}, and a diffusers vae/ folder "
-            f"holding {DIFFUSERS_WEIGHT_NAMES[1]}). Pass the VAE checkpoint file itself, or set the config key "
-            "vae_path to it."
-        )
-    listing = ", ".join(str(c.relative_to(directory)) for c in candidates)
-    raise CheckpointError(
-        f"{directory}: {len(candidates)} VAE checkpoints found ({listing}); x2v cannot tell which to use. "
-        "Pass the file path of the one you want, or set the config key vae_path to it."
-    )
+    return one_candidate(directory, candidates, "VAE", f"{' and '.join(OFFICIAL_VAE_NAMES)}, and a diffusers vae/ "
+                         f"folder holding {DIFFUSERS_WEIGHT_NAMES[1]}", "vae_path")
 
 
 def load_vae(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
