@@ -1,14 +1,19 @@
-"""Checkpoint containers: safetensors (single or sharded with an index) and PyTorch pickles.
+"""Checkpoint containers: safetensors (single, sharded with an index, block-split folders) and PyTorch pickles.
 
-Every reader returns a plain ``dict[str, Tensor]`` whose tensors are views of a memory map of the
+Every reader returns a plain ``dict[str, Tensor]`` whose tensors are views of a private memory map of the
 file: nothing is read from disk until a tensor is used, and casting it to the target dtype/device
-is the only copy ever made.
+is the only copy ever made. Treat these tensors as read-only: once a loader has copied one, it hands the
+file pages back to the kernel (``release_pages``), and a view touched again shows the file's bytes.
 """
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import json
+import mmap
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -32,6 +37,19 @@ SAFETENSORS_DTYPES = {
 }
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin", ".tar")
+NON_BLOCK_FILE = "non_block.safetensors"
+BLOCK_FILE = re.compile(r"block_(\d+)\.safetensors")
+BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")  # LightX2V's converter: re.search, so nested "fuser_blocks.N." counts
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """``json.loads`` hook: a key given twice is an error, not "the last one wins"."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice")
+        result[key] = value
+    return result
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -49,8 +67,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict, int]:
                 "the file is truncated or not a safetensors file. Download it again."
             )
         try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            header = json.loads(f.read(header_len), object_pairs_hook=_unique_keys)
+        except ValueError as e:  # also JSONDecodeError, UnicodeDecodeError
             raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e}); the file is corrupt.") from None
     data_start = 8 + header_len
     end = max((info["data_offsets"][1] for k, info in header.items() if k != "__metadata__"), default=0)
@@ -111,13 +129,52 @@ def read_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
+def _read_weight_map(index_path: Path) -> tuple[dict[str, str], int | None]:
+    """(weight_map, metadata.total_size or None) of a shard index; a key listed twice is an error (A02)."""
+    try:
+        index = json.loads(index_path.read_text(), object_pairs_hook=_unique_keys)
+        weight_map: dict[str, str] = index["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{index_path}: not a valid shard index ({e}); each tensor must be listed once in its weight_map."
+        ) from None
+    total_size = (index.get("metadata") or {}).get("total_size")
+    return weight_map, total_size if isinstance(total_size, int) else None
+
+
+def _check_index(
+    index_path: Path, weight_map: dict[str, str], total_size: int | None, tensors: dict[str, torch.Tensor],
+    placement: dict[str, str],
+) -> None:
+    """The index must place every tensor where it was found, list nothing else, and roughly agree on the size."""
+    for name, file in placement.items():
+        if weight_map.get(name) != file:
+            raise CheckpointError(
+                f"{index_path.parent / file}: holds {name!r}, which the index places in "
+                f"{weight_map.get(name, 'no shard')}. The index and shards do not belong together."
+            )
+    absent = sorted(set(weight_map) - set(placement))
+    if absent:
+        raise CheckpointError(
+            f"{index_path}: {len(absent)} tensor(s) listed in the index are in no shard (first: {absent[0]}); "
+            "a shard is truncated or from another download."
+        )
+    if total_size is None:
+        return
+    # Writers count either tensor bytes (transformers, diffusers) or file bytes (LightX2V's converter).
+    tensor_bytes = sum(t.nbytes for t in tensors.values())
+    file_bytes = sum((index_path.parent / f).stat().st_size for f in set(placement.values()))
+    if not 0.9 * tensor_bytes <= total_size <= 1.1 * file_bytes:
+        raise CheckpointError(
+            f"{index_path}: metadata.total_size is {total_size:,} bytes, but the shards hold {tensor_bytes:,} bytes "
+            f"of tensors ({file_bytes:,} bytes of files). The index belongs to another download or conversion."
+        )
+
+
 def read_index(index_path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A sharded safetensors checkpoint: the index must name existing shards that hold exactly its keys."""
     index_path = Path(index_path)
-    try:
-        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({e}).") from None
+    weight_map, total_size = _read_weight_map(index_path)
     shard_names = sorted(set(weight_map.values()))
     missing = [s for s in shard_names if not (index_path.parent / s).is_file()]
     if missing:
@@ -126,28 +183,81 @@ def read_index(index_path: str | os.PathLike) -> dict[str, torch.Tensor]:
             f"{', '.join(missing)}. Download the missing file(s)."
         )
     tensors: dict[str, torch.Tensor] = {}
+    placement: dict[str, str] = {}
     for shard in shard_names:
         for name, tensor in read_safetensors(index_path.parent / shard).items():
             if name in tensors:
-                raise CheckpointError(f"{index_path.parent / shard}: tensor {name!r} appears in two shards.")
-            if weight_map.get(name) != shard:
                 raise CheckpointError(
-                    f"{index_path.parent / shard}: holds {name!r}, which the index places in "
-                    f"{weight_map.get(name, 'no shard')}. The index and shards do not belong together."
+                    f"{index_path.parent / shard}: tensor {name!r} is also in {placement[name]}; "
+                    "each tensor must be in exactly one shard."
                 )
-            tensors[name] = tensor
-    absent = sorted(set(weight_map) - set(tensors))
+            tensors[name], placement[name] = tensor, shard
+    _check_index(index_path, weight_map, total_size, tensors, placement)
+    return tensors
+
+
+def is_block_split(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / NON_BLOCK_FILE).is_file()
+
+
+def _home_block(name: str) -> int | None:
+    """The block file a tensor belongs in (None: non_block), as LightX2V's converter assigns it."""
+    match = BLOCK_KEY.search(name)
+    if match is None:
+        return None
+    # Wan2.2-Animate's face adapter has one fuser block per five DiT blocks; the converter files it by DiT block.
+    return int(match[1]) * 5 if "face_adapter" in name else int(match[1])
+
+
+def read_block_split(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A LightX2V "lazy load" folder: ``non_block.safetensors`` + ``block_0 .. block_{N-1}.safetensors`` (+ index).
+
+    Each ``block_i`` file must hold only ``blocks.i.`` tensors and ``non_block`` none of them, so that every tensor
+    has exactly one home; an index, when present, must agree.
+    """
+    directory = Path(directory)
+    if not is_block_split(directory):
+        raise CheckpointError(f"{directory}: not a block-split folder (no {NON_BLOCK_FILE}).")
+    numbers = sorted(int(m[1]) for p in directory.iterdir() if (m := BLOCK_FILE.fullmatch(p.name)))
+    absent = sorted(set(range(numbers[-1] + 1 if numbers else 1)) - set(numbers))
     if absent:
+        listing = ", ".join(f"block_{i}.safetensors" for i in absent[:5]) + (" ..." if len(absent) > 5 else "")
         raise CheckpointError(
-            f"{index_path}: {len(absent)} tensor(s) listed in the index are in no shard (first: {absent[0]}); "
-            "a shard is truncated or from another download."
+            f"{directory}: block-split folder with {len(numbers)} block file(s), but block files must run from "
+            f"block_0 without gaps; missing: {listing}. Download the missing file(s)."
         )
+    files = {NON_BLOCK_FILE: None} | {f"block_{i}.safetensors": i for i in numbers}
+    tensors: dict[str, torch.Tensor] = {}
+    placement: dict[str, str] = {}
+    for file, block in files.items():
+        for name, tensor in read_safetensors(directory / file).items():
+            home = _home_block(name)
+            if home != block:
+                belongs = NON_BLOCK_FILE if home is None else f"block_{home}.safetensors"
+                raise CheckpointError(
+                    f"{directory / file}: holds {name!r}, which belongs in {belongs}. "
+                    "The folder mixes files of different conversions; convert it again."
+                )
+            tensors[name], placement[name] = tensor, file
+    indexes = sorted(directory.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise CheckpointError(f"{directory}: {len(indexes)} shard indexes in one block-split folder; keep one.")
+    if indexes:
+        weight_map, total_size = _read_weight_map(indexes[0])
+        _check_index(indexes[0], weight_map, total_size, tensors, placement)
     return tensors
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read any single checkpoint file (or a shard index) by its suffix."""
+    """Read any checkpoint file by its suffix (a shard index reads its shards), or a block-split folder."""
     path = Path(path)
+    if path.is_dir():
+        if is_block_split(path):
+            return read_block_split(path)
+        raise CheckpointError(
+            f"{path}: a folder; pass the checkpoint file or its .safetensors.index.json "
+            f"(only block-split folders, with {NON_BLOCK_FILE}, are read as a whole)."
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found.")
     name = path.name
@@ -158,3 +268,72 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if name.endswith(PICKLE_SUFFIXES):
         return read_pickle(path)
     raise CheckpointError(f"{path}: unknown checkpoint type; expected .safetensors, .safetensors.index.json or .pth/.pt.")
+
+
+# Pages of mapped checkpoint files. A view of a private file mapping that has been read keeps its pages in this
+# process's RSS for as long as the mapping lives. A loader that copies a tensor (cast, or move to a GPU) drops
+# the source's pages right after the copy, so a load peaks near one copy of the model, not file + model.
+
+_MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22  # Linux >= 5.14: fault a whole range in with one call
+_libc = ctypes.CDLL(None, use_errno=True) if os.name == "posix" else None
+Pages = tuple[int, int]  # (page-aligned address, length in bytes)
+
+
+def _span_bytes(tensor: torch.Tensor) -> int:
+    """Bytes from the first to one past the last element, for any strided view."""
+    return (1 + sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))) * tensor.element_size()
+
+
+class FileMappings:
+    """Where this process maps files privately (a snapshot of ``/proc/self/maps``): memory whose pages can be
+    dropped and read again from the file. Empty without ``/proc`` (not Linux): then nothing is ever released."""
+
+    def __init__(self) -> None:
+        ranges = []
+        try:
+            with open("/proc/self/maps") as maps:
+                for line in maps:
+                    fields = line.split(maxsplit=5)
+                    path = fields[5].strip() if len(fields) == 6 else ""
+                    # Private mappings of regular files only: a /dev/zero mapping is anonymous memory in disguise.
+                    if fields[1].endswith("p") and path.startswith("/") and not path.startswith("/dev/"):
+                        ranges.append(tuple(int(a, 16) for a in fields[0].split("-")))
+        except OSError:
+            pass
+        ranges.sort()
+        self._starts = [start for start, _ in ranges]
+        self._ends = [end for _, end in ranges]
+
+    def pages(self, tensor: torch.Tensor) -> Pages | None:
+        """The whole pages under ``tensor`` when they lie in one file mapping, else None (e.g. anonymous memory)."""
+        if tensor.device.type != "cpu" or tensor.numel() == 0:
+            return None
+        begin = tensor.data_ptr()
+        end = begin + _span_bytes(tensor)
+        i = bisect.bisect_right(self._starts, begin) - 1
+        if i < 0 or end > self._ends[i]:
+            return None
+        start = begin - begin % mmap.PAGESIZE
+        stop = min(-(-end // mmap.PAGESIZE) * mmap.PAGESIZE, self._ends[i])
+        return start, stop - start
+
+
+def _madvise(pages: Pages | None, advice: int) -> None:
+    # Best effort: if the kernel refuses (old kernel, no MADV_POPULATE_READ), pages just fault in or stay.
+    if pages is not None and _libc is not None:
+        _libc.madvise(ctypes.c_void_p(pages[0]), ctypes.c_size_t(pages[1]), ctypes.c_int(advice))
+
+
+def read_pages(pages: Pages | None) -> None:
+    """Bring a mapped range into memory now, in large reads (no page-by-page faults later)."""
+    _madvise(pages, _MADV_POPULATE_READ)
+
+
+def release_pages(pages: Pages | None) -> None:
+    """Drop a mapped range from this process; the data stays in the file (and the page cache).
+
+    Only for ranges ``FileMappings.pages`` returned and nobody wrote to: a written page of a private mapping
+    would lose the change.
+    """
+    _madvise(pages, _MADV_DONTNEED)

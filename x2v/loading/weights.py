@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from x2v.errors import CheckpointError
+from x2v.formats.readers import FileMappings, read_pages, release_pages
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -39,6 +41,45 @@ def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: 
     if any(s in name for s in keep_fp32):
         return torch.float32
     return dtype
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
+
+
+def copy_to(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return tensor.to(device=device, dtype=dtype)
+    # Move the stored bytes and convert on the accelerator: no full-size CPU temporary, and faster.
+    return tensor.to(device).to(dtype)
+
+
+def to_targets(sources: dict[str, tuple[torch.Tensor, torch.dtype]], device: torch.device) -> dict[str, torch.Tensor]:
+    """Each ``name -> (tensor, target dtype)`` as a tensor of that dtype on ``device``, one tensor at a time.
+
+    A tensor that is already right is kept as it is (on CPU a view of the mapped file: the model *is* the
+    mapping). The others are copied in file order; while one is converted, a helper thread reads the next one's
+    file pages, and each source's pages leave this process right after its copy. The peak is the model plus
+    about two tensors, not the file plus the model.
+    """
+    mappings = FileMappings()
+    ready = {}
+    copies = []
+    for name, (tensor, dtype) in sources.items():
+        if tensor.dtype == dtype and on_device(tensor, device):
+            ready[name] = tensor
+        else:
+            copies.append((name, tensor, dtype, mappings.pages(tensor)))
+    copies.sort(key=lambda c: c[1].data_ptr())  # sequential reads within each file
+    following = [pages for _, _, _, pages in copies[1:]] + [None]
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = reader.submit(read_pages, copies[0][3] if copies else None)
+        for (name, tensor, dtype, pages), next_pages in zip(copies, following):
+            ahead.result()  # this tensor's pages are in
+            ahead = reader.submit(read_pages, next_pages)
+            ready[name] = copy_to(tensor, dtype, device)
+            release_pages(pages)
+    return ready
 
 
 def assign_weights(
@@ -74,11 +115,7 @@ def assign_weights(
     if problems:
         raise CheckpointError(f"{source}: does not fit the {what}:\n  " + "\n  ".join(problems))
 
-    device = torch.device(device)
-    ready = {}
-    for name in expected:
-        t = tensors[name]
-        ready[name] = t.to(device=device, dtype=target_dtype(name, t.dtype, dtype, keep_fp32))
-    model.load_state_dict(ready, strict=True, assign=True)
+    sources = {name: (tensors[name], target_dtype(name, tensors[name].dtype, dtype, keep_fp32)) for name in expected}
+    model.load_state_dict(to_targets(sources, torch.device(device)), strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()
