@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from x2v.errors import CheckpointError, UnsupportedModelError
-from x2v.loading.weights import summarize_keys
+from x2v.formats.keys import summarize_keys
+from x2v.formats.readers import FileMappings, release_pages
 
 MARKER = "scaled_fp8"  # ComfyUI: the marker's presence means "scaled fp8 file"; its value is irrelevant here
 WEIGHT_KINDS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
@@ -361,12 +362,15 @@ def dequantize(
     """
     scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
     dropped = {MARKER} | {f"{layer}.{n}" for layer in encoding.layers for n in (*WEIGHT_SCALES, *ACTIVATION_SCALES)}
+    mappings = FileMappings()
     result = {}
     for key, tensor in tensors.items():
         if key in dropped:
             continue
         if key in scales:
             target = torch.float32 if any(s in key for s in keep_fp32) else dtype
+            pages = mappings.pages(tensor)
             tensor = dequantize_weight(tensor, tensors[scales[key]], target, device)
+            release_pages(pages)  # the file's copy of this weight is no longer needed in memory
         result[key] = tensor
     return result

@@ -13,7 +13,8 @@ from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_officia
 from x2v.formats.quant import check_scheme, dequantize, detect_encoding
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.resolve import resolve_dit
-from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
+from x2v.formats.keys import summarize_keys
+from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from x2v.errors import CheckpointError
 from x2v.formats.clip_keys import OFFICIAL_PREFIX, infer_config, to_official
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.resolve import one_candidate
-from x2v.loading.weights import assign_weights, build_on_meta, summarize_keys
+from x2v.formats.keys import summarize_keys
+from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.clip import ClipVisionConfig, ClipVisionTower
 
 OFFICIAL_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"

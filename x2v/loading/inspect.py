@@ -17,7 +17,7 @@ import torch
 from x2v.errors import X2VError
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.resolve import Found, resolve_component, resolve_dit
-from x2v.loading.weights import build_on_meta, summarize_keys
+from x2v.loading.weights import build_on_meta, target_dtype, weight_problems
 
 
 @dataclass
@@ -58,25 +58,7 @@ def tensor_facts(tensors: dict[str, torch.Tensor], files: list[Path]) -> dict:
     }
 
 
-def missing_and_unexpected(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> list[str]:
-    expected = model.state_dict()
-    problems = []
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) the {what} needs are missing: {summarize_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarize_keys(unexpected)}")
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es), first: {wrong[0]} file {tuple(tensors[wrong[0]].shape)} "
-                        f"vs {tuple(expected[wrong[0]].shape)}")
-    return problems
-
-
 def memory_at(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> int:
-    from x2v.loading.weights import target_dtype
-
     return sum(t.numel() * target_dtype(n, t.dtype, dtype, keep_fp32).itemsize for n, t in model.state_dict().items())
 
 
@@ -101,7 +83,7 @@ def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, conf
     model = build_on_meta(lambda: WanDiT(arch))
     report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, FP32_PARAMS)
     if report.facts["quantization"] == "none":  # quantized files carry scale tensors beside the weights
-        report.problems += missing_and_unexpected(model, official, "DiT")
+        report.problems += weight_problems(model.state_dict(), official, "DiT")
 
 
 def quantization_of(tensors: dict, report: ComponentReport, config: dict) -> str:
@@ -125,7 +107,7 @@ def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> No
     report.facts["architecture"] = arch.__dict__
     model = build_on_meta(lambda: T5Encoder(arch))
     report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype)
-    report.problems += missing_and_unexpected(model, official, "umT5 encoder")
+    report.problems += weight_problems(model.state_dict(), official, "umT5 encoder")
 
 
 def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
@@ -140,7 +122,7 @@ def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> 
     report.facts["architecture"] = arch.__dict__
     model = build_on_meta(lambda: ClipVisionTower(arch))
     report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, ("norm",))
-    report.problems += missing_and_unexpected(model, tower_tensors(official, arch), "CLIP vision tower")
+    report.problems += weight_problems(model.state_dict(), tower_tensors(official, arch), "CLIP vision tower")
 
 
 def inspect_vae(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
@@ -156,7 +138,7 @@ def inspect_vae(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> N
     model = build_on_meta(lambda: Wan22VAE(arch) if version == "2.2" else Wan21VAE(arch))
     # The VAE runs in float32 unless asked otherwise.
     report.facts["memory_float32"] = memory_at(model, torch.float32)
-    report.problems += missing_and_unexpected(model, official, f"Wan{version} VAE")
+    report.problems += weight_problems(model.state_dict(), official, f"Wan{version} VAE")
 
 
 INSPECTORS = {"t5": inspect_t5, "clip": inspect_clip, "vae": inspect_vae}

@@ -6,33 +6,20 @@ and each parameter is replaced by the checkpoint tensor, cast once to its target
 
 from __future__ import annotations
 
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from x2v.errors import CheckpointError
+from x2v.formats.keys import summarize_keys
 from x2v.formats.readers import FileMappings, read_pages, release_pages
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.device("meta"):
         return factory()
-
-
-def key_pattern(key: str) -> str:
-    """``blocks.12.self_attn.q.weight`` -> ``blocks.N.self_attn.q.weight``, to summarize long key lists."""
-    return re.sub(r"\.\d+(?=\.|$)", ".N", key)
-
-
-def summarize_keys(keys: Iterable[str], limit: int = 12) -> str:
-    counts = Counter(key_pattern(k) for k in keys)
-    parts = [f"{p} (x{n})" if n > 1 else p for p, n in sorted(counts.items())]
-    more = f", ... and {len(parts) - limit} more patterns" if len(parts) > limit else ""
-    return ", ".join(parts[:limit]) + more
 
 
 def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
@@ -82,6 +69,25 @@ def to_targets(sources: dict[str, tuple[torch.Tensor, torch.dtype]], device: tor
     return ready
 
 
+def weight_problems(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> list[str]:
+    """Missing and unexpected tensors (summarized by pattern) and shape mismatches, as readable lines."""
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing tensor(s): {summarize_keys(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarize_keys(unexpected)}")
+    wrong = [
+        f"{k}: file {tuple(tensors[k].shape)}, {what} expects {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    return problems
+
+
 def assign_weights(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -98,20 +104,7 @@ def assign_weights(
     time embedding: the official code computes them in float32); other floating tensors become ``dtype``.
     """
     expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing tensor(s): {summarize_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected tensor(s): {summarize_keys(unexpected)}")
-    wrong = [
-        f"{k}: file {tuple(tensors[k].shape)}, {what} expects {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    problems = weight_problems(expected, tensors, what)
     if problems:
         raise CheckpointError(f"{source}: does not fit the {what}:\n  " + "\n  ".join(problems))
 
