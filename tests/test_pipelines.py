@@ -147,3 +147,32 @@ def test_vace_edits_a_source_video(models, tmp_path):
     free = pipe.generate("a cat", seed=0, progress=False)
     assert edited.frames.shape == (5, 64, 64, 3)
     assert not np.array_equal(edited.frames, free.frames)  # the source video conditions the result
+
+
+def test_vace_reference_images_are_extra_latent_frames(models):
+    pipe = Pipeline.from_pretrained(models["vace"], device="cpu", **SMALL)
+    inputs = pipe.prepare_inputs(pipe.settings | SMALL, 5, None, None, (None, None, [IMAGE]), {})
+    assert inputs["ref_frames"] == 1 and inputs["shape"][2] == 2 + 1  # 5 frames -> 2 latent frames, + 1 reference
+    assert inputs["vace_context"].shape == (1, 96, 3, 8, 8)
+    assert inputs["vace_context"][:, 16:].narrow(2, 0, 1).eq(0).all()  # reference: no reactive part, zero mask
+    with_ref = pipe.generate("a cat", src_ref_images=[IMAGE], seed=0, progress=False)
+    without = pipe.generate("a cat", seed=0, progress=False)
+    assert with_ref.frames.shape == without.frames.shape == (5, 64, 64, 3)  # the reference is not in the video
+    assert not np.array_equal(with_ref.frames, without.frames)
+
+
+def test_reference_image_fits_on_a_white_canvas():
+    canvas = cond.fit_on_white(torch.zeros(3, 10, 40), 20, 20)  # wide image: 5 rows tall after scaling
+    assert canvas.shape == (3, 20, 20)
+    assert canvas[:, :7].eq(1).all() and canvas[:, 8:12].eq(0).all() and canvas[:, 13:].eq(1).all()
+
+
+def test_wan22_distilled_experts_switch_by_step(models, monkeypatch):
+    pipe = Pipeline.from_pretrained(models["moe_t2v"], "wan2.2_moe_distill", device="cpu",
+                                    **{**SMALL, "infer_steps": None})
+    used = []
+    for name, dit in pipe.dits.items():
+        monkeypatch.setattr(dit, "forward", lambda *a, _f=dit.forward, _n=name, **k: used.append(_n) or _f(*a, **k))
+    result = pipe.generate("a car", seed=0, progress=False)
+    assert used == [HIGH, HIGH, LOW, LOW]  # 4 steps, boundary_step_index 2, no CFG pass
+    assert result.frames.shape == (5, 64, 64, 3)

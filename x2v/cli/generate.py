@@ -22,7 +22,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser, model_path_required:
     parser.add_argument("--last_frame_path", help="last frame (flf2v)")
     parser.add_argument("--src_video", help="VACE: source video (mp4) to edit or extend")
     parser.add_argument("--src_mask", help="VACE: mask video (mp4), white where new content is generated")
-    parser.add_argument("--src_ref_images", help="VACE reference images (not supported yet)")
+    parser.add_argument("--src_ref_images", help="VACE: reference images, comma-separated paths")
     parser.add_argument("--seed", type=int, default=None, help="default 42; negative: random")
     parser.add_argument("--num_frames", dest="target_video_length", type=int)
     parser.add_argument("--infer_steps", type=int)
@@ -51,10 +51,9 @@ def run_generate(args: argparse.Namespace) -> int:
     pipe = Pipeline.from_pretrained(model_path, args.model_cls, args.task, device=args.device,
                                     config_json=args.config_json, **settings)
     print(f"model: {args.model_cls or pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
-    if args.src_ref_images:
-        raise ValueError("--src_ref_images: VACE reference images are not supported yet; use --src_video/--src_mask")
+    refs = [p for p in (args.src_ref_images or "").split(",") if p]
     result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt or None, image=args.image_path,
-                           last_image=args.last_frame_path, src_video=args.src_video, src_mask=args.src_mask,
+                           last_image=args.last_frame_path, src_video=args.src_video, src_mask=args.src_mask, src_ref_images=refs,
                            seed=args.seed, save_result_path=args.save_result_path)
     print(result.report())
     return 0

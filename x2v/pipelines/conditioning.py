@@ -89,3 +89,18 @@ def fold_vace_mask(mask: torch.Tensor, latent_frames: int, stride: int = 8) -> t
     folded = mask.view(frames, h // stride, stride, w // stride, stride).permute(2, 4, 0, 1, 3)
     folded = folded.reshape(stride * stride, frames, h // stride, w // stride)
     return F.interpolate(folded[None], size=(latent_frames, h // stride, w // stride), mode="nearest-exact")[0]
+
+
+def fit_on_white(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """VACE reference image: scaled to fit inside (height, width) keeping its aspect ratio (bilinear), centred on
+    a white canvas."""
+    h, w = image.shape[1:]
+    if (h, w) == (height, width):
+        return image.float()
+    scale = min(height / h, width / w)
+    new_h, new_w = int(h * scale), int(w * scale)
+    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+    canvas = torch.ones(3, height, width)
+    top, left = (height - new_h) // 2, (width - new_w) // 2
+    canvas[:, top:top + new_h, left:left + new_w] = resized
+    return canvas

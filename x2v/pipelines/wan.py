@@ -132,10 +132,11 @@ class Pipeline:
     # --- generation -------------------------------------------------------------------------------------------
 
     def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, last_image=None,
-                 src_video=None, src_mask=None, seed: int | None = None,
+                 src_video=None, src_mask=None, src_ref_images=None, seed: int | None = None,
                  save_result_path: str | Path | None = None, progress: bool = True, **overrides) -> GenerationResult:
         """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1];
-        ``src_video`` / ``src_mask`` (VACE): mp4 paths or tensors ``[3, F, H, W]`` / ``[F, H, W]`` (1 = generate).
+        ``src_video`` / ``src_mask`` (VACE): mp4 paths or tensors ``[3, F, H, W]`` / ``[F, H, W]`` (1 = generate);
+        ``src_ref_images`` (VACE): a list of images the video should contain.
         ``overrides`` are per-request settings (``infer_steps``, ``target_video_length``, ``sample_guide_scale``...).
         Same seed and inputs give the same video."""
         s = {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
@@ -152,11 +153,13 @@ class Pipeline:
                 prompts = [prompt] + ([negative_prompt or s["negative_prompt"]] if cfg else [])
                 ids, mask = self.tokenizer(prompts)
                 contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
-            inputs = self.prepare_inputs(s, frames, image, last_image, src_video, src_mask, timings)
+            vace_sources = (src_video, src_mask, src_ref_images or [])
+            inputs = self.prepare_inputs(s, frames, image, last_image, vace_sources, timings)
             with timed(timings, "denoise", self.device):
                 latents = self.denoise(s, inputs, contexts, seed, progress)
             with timed(timings, "decode", self.device):
-                video = self.vae.decode(latents.float())[0]
+                # VACE reference images are extra latent frames in front; they are not part of the video.
+                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float())[0]
         result = GenerationResult(to_uint8_frames(video), int(s["fps"]), video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
         path = save_result_path or s.get("save_result_path")
@@ -165,7 +168,7 @@ class Pipeline:
                 result.path = write_mp4(result.frames, path, result.fps)
         return result
 
-    def prepare_inputs(self, s, frames, image, last_image, src_video, src_mask, timings) -> dict:
+    def prepare_inputs(self, s, frames, image, last_image, vace_sources, timings) -> dict:
         """Latent shape and the conditioning the DiT takes (``y``, ``clip_fea``, ``vace_context``, TI2V image)."""
         stride_t, stride_h, stride_w = self.vae.stride
         height, width = int(s["target_height"]), int(s["target_width"])
@@ -179,8 +182,9 @@ class Pipeline:
                 height, width = self.image_conditioning(inputs, frames, height * width, image, last_image)
         elif self.task == "vace":
             with timed(timings, "video encode", self.device):
-                inputs.update(self.vace_inputs(frames, height, width, src_video, src_mask))
-        inputs["shape"] = (1, self.vae.z_dim, (frames - 1) // stride_t + 1, height // stride_h, width // stride_w)
+                inputs.update(self.vace_inputs(frames, height, width, *vace_sources))
+        latent_frames = (frames - 1) // stride_t + 1 + inputs.get("ref_frames", 0)
+        inputs["shape"] = (1, self.vae.z_dim, latent_frames, height // stride_h, width // stride_w)
         return inputs
 
     def image_conditioning(self, inputs: dict, frames: int, area: int, image, last_image) -> tuple[int, int]:
@@ -203,9 +207,10 @@ class Pipeline:
             inputs["clip_fea"] = torch.cat([self.clip(p[None].to(self.device)) for p in pictures], dim=1)
         return height, width
 
-    def vace_inputs(self, frames, height, width, src_video, src_mask) -> dict:
+    def vace_inputs(self, frames, height, width, src_video, src_mask, ref_images) -> dict:
         """VACE context: [VAE(video*(1-mask)) 16, VAE(video*mask) 16, folded mask 64]. Without a source video
-        everything is generated (grey video, all-ones mask)."""
+        everything is generated (grey video, all-ones mask). Reference images go in front as extra latent
+        frames: [VAE(image), zeros] with a zero mask."""
         video = torch.zeros(3, frames, height, width) if src_video is None else load_video(src_video)
         mask = torch.ones(frames, height, width) if src_mask is None else load_mask(src_mask)
         if video.shape[1:] != (frames, height, width) or mask.shape != (frames, height, width):
@@ -213,8 +218,14 @@ class Pipeline:
                              f"[{frames}, {height}, {width}], got {list(video.shape)} and {list(mask.shape)}")
         inactive = self.vae.encode((video * (1 - mask))[None].to(self.device))
         reactive = self.vae.encode((video * mask)[None].to(self.device))
-        folded = cond.fold_vace_mask(mask, inactive.shape[2], self.vae.stride[1])[None].to(self.device)
-        return {"vace_context": torch.cat([inactive, reactive, folded], dim=1)}
+        context = torch.cat([inactive, reactive, cond.fold_vace_mask(mask, inactive.shape[2], self.vae.stride[1])[None]
+                             .to(self.device)], dim=1)
+        refs = []
+        for ref in ref_images:
+            picture = cond.fit_on_white(load_image(ref), height, width)
+            latent = self.vae.encode(picture[None, :, None].to(self.device))
+            refs.append(torch.cat([latent, torch.zeros_like(latent), context.new_zeros(1, 64, *latent.shape[2:])], 1))
+        return {"vace_context": torch.cat([*refs, context], dim=2), "ref_frames": len(refs)}
 
     def expert_for(self, s: dict, step: int, t: torch.Tensor) -> str:
         """Wan2.2 A14B: high-noise expert while t >= boundary * 1000 (distilled: for the first steps)."""
