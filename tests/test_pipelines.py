@@ -176,3 +176,8 @@ def test_wan22_distilled_experts_switch_by_step(models, monkeypatch):
     result = pipe.generate("a car", seed=0, progress=False)
     assert used == [HIGH, HIGH, LOW, LOW]  # 4 steps, boundary_step_index 2, no CFG pass
     assert result.frames.shape == (5, 64, 64, 3)
+
+
+def test_lora_configs_are_refused_not_ignored(models):
+    with pytest.raises(Exception, match="LoRAs are not supported by x2v yet"):
+        Pipeline.from_pretrained(models["t2v"], device="cpu", lora_configs=[{"path": "distill.safetensors"}], **SMALL)

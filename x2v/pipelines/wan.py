@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from x2v.errors import UnsupportedModelError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
 from x2v.loading.dit import load_dit
@@ -112,6 +113,10 @@ class Pipeline:
         settings, warnings = resolve_settings(model_cls, task, config_file=user, overrides=config)
         for warning in warnings:
             log.warning(warning)
+        if settings.get("lora_configs"):
+            # Running without them would give a plausible but wrong video (e.g. a 4-step LoRA on base weights).
+            raise UnsupportedModelError("lora_configs: LoRAs are not supported by x2v yet; remove the key to run "
+                                        "the base model, or merge the LoRA into the weights with another tool.")
 
         import x2v
 
