@@ -114,3 +114,25 @@ def test_quantized_file_is_reported_with_its_encoding(model_dir, tmp_path, capsy
     config.write_text('{"dit_quantized": true, "dit_quant_scheme": "fp8-vllm"}')
     code, out = run(capsys, tmp_path / "wan_int8_lightx2v.safetensors", "--config", config)
     assert code == 1 and "int8" in out and "fp8-vllm" in out
+
+
+def test_block_split_folder_loads_the_same_model(model_dir, tmp_path):
+    import torch
+
+    from x2v.loading.dit import load_dit
+
+    tensors = read_checkpoint(model_dir / "diffusion_pytorch_model.safetensors.index.json")
+    split = tmp_path / "lazy"
+    split.mkdir()
+    blocks = {}
+    for name, t in tensors.items():
+        index = name.split(".")[1] if name.startswith("blocks.") else None
+        blocks.setdefault(index, {})[name] = t.contiguous()
+    save_file(blocks.pop(None), str(split / "non_block.safetensors"))
+    for index, part in blocks.items():
+        save_file(part, str(split / f"block_{index}.safetensors"))
+    shutil.copy(model_dir / "config.json", split / "config.json")
+    loaded, reference = load_dit(split).state_dict(), load_dit(model_dir).state_dict()
+    assert loaded.keys() == reference.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0)
