@@ -33,6 +33,9 @@ def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
             for frame in frames:
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
             container.mux(stream.encode())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; the video is an ordinary file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
