@@ -76,20 +76,27 @@ def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int = 512) -> flo
     return cfg.num_layers * per_block
 
 
-def timed(fn, warmup: int, iters: int, device: str) -> float:
+def timed_alternating(fns, warmup: int, iters: int, device: str) -> list[float]:
+    """Mean seconds of each function, run in turns (a, b, a, b, ...) so clock and thermal drift hit both alike."""
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+        for fn in fns:
+            fn()
+    totals = [0.0] * len(fns)
     for _ in range(iters):
-        fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters
+        for i, fn in enumerate(fns):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            totals[i] += time.perf_counter() - start
+    return [t / iters for t in totals]
 
 
-def profile(name: str, fn) -> None:
+def profile(name: str, fn, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -100,7 +107,7 @@ def profile(name: str, fn) -> None:
             torch.cuda.synchronize()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"--- {name}: top operators by self time")
-    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
 
 
 def main() -> None:
@@ -114,7 +121,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--json", type=Path, help="also write the results to this file")
-    parser.add_argument("--profile", action="store_true", help="print the top kernels of one forward of each")
+    parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
+                        help="print the top operators of one forward of each (default 18 rows)")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
@@ -138,11 +146,12 @@ def main() -> None:
             our_out = ours(x, t, context)
             rel = ((our_out - ref_out.float()).norm() / ref_out.float().norm()).item()
             del ref_out, our_out
-            t_ref = timed(lambda: reference(x, t, context, return_dict=False), args.warmup, args.iters, device)
-            t_ours = timed(lambda: ours(x, t, context), args.warmup, args.iters, device)
+            t_ref, t_ours = timed_alternating(
+                [lambda: reference(x, t, context, return_dict=False), lambda: ours(x, t, context)],
+                args.warmup, args.iters, device)
             if args.profile:
-                profile("diffusers", lambda: reference(x, t, context, return_dict=False))
-                profile("x2v", lambda: ours(x, t, context))
+                profile("diffusers", lambda: reference(x, t, context, return_dict=False), args.profile)
+                profile("x2v", lambda: ours(x, t, context), args.profile)
         flops = forward_flops(cfg, tokens)
         row = dict(size=size, tokens=tokens, dtype=args.dtype, diffusers_s=t_ref, x2v_s=t_ours,
                    ratio=t_ours / t_ref, x2v_tflops=flops / t_ours / 1e12, rel_diff=rel)
