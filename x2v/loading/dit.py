@@ -43,6 +43,13 @@ def read_config_json(checkpoint: Path) -> tuple[dict | None, Path | None]:
     return jsonc.load(path), path
 
 
+def detect_architecture(checkpoint: Path, tensors: dict[str, torch.Tensor]) -> WanDiTConfig:
+    """The architecture read from the (official-named) tensors, cross-checked with the config.json beside them."""
+    config = infer_dit_config(tensors, source=str(checkpoint))
+    raw, json_path = read_config_json(checkpoint)
+    return config if raw is None else check_config_json(raw, config, str(checkpoint), str(json_path))
+
+
 def default_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The checkpoint's own dtype, read from its largest kind of tensor (block linear weights)."""
     return tensors["blocks.0.self_attn.q.weight"].dtype
@@ -75,12 +82,7 @@ def load_dit(
     checkpoint = find_dit(path, expert) if path.is_dir() else path
     source = str(checkpoint)
     tensors = to_official(read_checkpoint(checkpoint))
-    config = architecture
-    if config is None:
-        config = infer_dit_config(tensors, source=source)
-        raw, json_path = read_config_json(checkpoint)
-        if raw is not None:
-            config = check_config_json(raw, config, source, str(json_path))
+    config = architecture or detect_architecture(checkpoint, tensors)
     encoding = detect_encoding(tensors, source)
     check_scheme(encoding, quant_scheme, dit_quantized, source)
     if encoding.quantized:

@@ -48,14 +48,19 @@ def container(path: Path) -> str:
     return "single safetensors" if path.suffix == ".safetensors" else "PyTorch pickle (.pth, read with weights_only)"
 
 
-def tensor_facts(tensors: dict[str, torch.Tensor], files: list[Path]) -> dict:
+def read_tensors(report: ComponentReport) -> dict[str, torch.Tensor]:
+    """The component's tensors (memory-mapped, not read); records container, counts, dtypes and bytes on disk."""
+    path = report.found.path
+    tensors = read_checkpoint(path)
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
-    return {
-        "tensors": len(tensors),
-        "dtypes": dict(dtypes.most_common()),
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "bytes_on_disk": sum(f.stat().st_size for f in files if f.is_file()),
-    }
+    report.facts.update(
+        container=container(path),
+        tensors=len(tensors),
+        dtypes=dict(dtypes.most_common()),
+        parameters=sum(t.numel() for t in tensors.values()),
+        bytes_on_disk=sum(f.stat().st_size for f in checkpoint_files(path) if f.is_file()),
+    )
+    return tensors
 
 
 def memory_at(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> int:
@@ -63,8 +68,8 @@ def memory_at(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, 
 
 
 def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
-    from x2v.formats.dit_keys import (PREFIXES, check_config_json, infer_dit_config, is_diffusers_layout,
-                                      supported_tasks, to_official, variant_name)
+    from x2v.formats.dit_keys import PREFIXES, is_diffusers_layout, supported_tasks, to_official, variant_name
+    from x2v.loading.dit import detect_architecture
     from x2v.models.wan_dit import FP32_PARAMS, WanDiT
 
     prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in tensors)), "")
@@ -72,10 +77,7 @@ def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, conf
     report.facts["key_layout"] = layout + (f", {prefix!r} prefix (ComfyUI)" if prefix else "")
     official = to_official(tensors)
     report.facts["quantization"] = quantization_of(official, report, config)
-    arch = infer_dit_config(official, source=str(report.found.path))
-    json_path = (report.found.path if report.found.path.is_dir() else report.found.path.parent) / "config.json"
-    if json_path.is_file():
-        arch = check_config_json(json.loads(json_path.read_text()), arch, str(report.found.path), str(json_path))
+    arch = detect_architecture(report.found.path, official)
     report.facts["variant"] = variant_name(arch)
     report.facts["architecture"] = {k: getattr(arch, k) for k in (
         "model_type", "dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "image_branch", "vace_layers")}
@@ -158,9 +160,7 @@ def inspect_model(path: str | Path, config: dict | None = None, dtype: torch.dty
         report = ComponentReport(name, found)
         reports.append(report)
         try:
-            tensors = read_checkpoint(found.path)
-            report.facts.update(container=container(found.path), **tensor_facts(tensors, checkpoint_files(found.path)))
-            inspect_dit(report, tensors, dtype, config)
+            inspect_dit(report, read_tensors(report), dtype, config)
         except X2VError as e:
             report.problems.append(str(e))
     needs_clip = any(r.facts.get("architecture", {}).get("image_branch") for r in reports)
@@ -179,10 +179,7 @@ def inspect_model(path: str | Path, config: dict | None = None, dtype: torch.dty
             report.facts["files"] = sorted(p.name for p in report.found.path.iterdir())
             continue
         try:
-            tensors = read_checkpoint(report.found.path)
-            report.facts.update(container=container(report.found.path),
-                                **tensor_facts(tensors, checkpoint_files(report.found.path)))
-            INSPECTORS[name](report, tensors, dtype)
+            INSPECTORS[name](report, read_tensors(report), dtype)
         except X2VError as e:
             report.problems.append(str(e))
     if len(dits) == 2:

@@ -9,6 +9,7 @@ Every answer records how it was found, so ``x2v inspect`` and the logs can say i
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,36 +164,14 @@ def resolve_dit(model_path: str | Path, config: dict | None = None) -> dict[str,
     return {"dit": find_dit_file(model_path, choose)}
 
 
-def _t5_finder(model_path: Path) -> Path:
-    from x2v.loading.text_encoder import find_t5_checkpoint
-
-    return find_t5_checkpoint(model_path)
-
-
-def _tokenizer_finder(model_path: Path) -> Path:
-    from x2v.loading.text_encoder import find_tokenizer_dir
-
-    return find_tokenizer_dir(model_path)
-
-
-def _clip_finder(model_path: Path) -> Path:
-    from x2v.loading.image_encoder import find_image_encoder_checkpoint
-
-    return find_image_encoder_checkpoint(model_path)
-
-
-def _vae_finder(model_path: Path) -> Path:
-    from x2v.loading.vae import find_vae_checkpoint
-
-    return find_vae_checkpoint(model_path)
-
-
-# component -> (explicit keys in order of precedence given the quantized flag, flag key, finder in the model dir)
+# component -> (explicit keys, quantized-flag key that puts the quantized key first, finder in the model dir).
+# Finders are named, not imported: the loaders import this module.
 COMPONENT_RULES = {
-    "t5": (("t5_quantized_ckpt", "t5_original_ckpt"), "t5_quantized", _t5_finder),
-    "tokenizer": (("t5_tokenizer_path",), None, _tokenizer_finder),
-    "clip": (("clip_quantized_ckpt", "clip_original_ckpt"), "clip_quantized", _clip_finder),
-    "vae": (("vae_path",), None, _vae_finder),
+    "t5": (("t5_quantized_ckpt", "t5_original_ckpt"), "t5_quantized", "text_encoder.find_t5_checkpoint"),
+    "tokenizer": (("t5_tokenizer_path",), None, "text_encoder.find_tokenizer_dir"),
+    "clip": (("clip_quantized_ckpt", "clip_original_ckpt"), "clip_quantized",
+             "image_encoder.find_image_encoder_checkpoint"),
+    "vae": (("vae_path",), None, "vae.find_vae_checkpoint"),
 }
 
 
@@ -208,4 +187,6 @@ def resolve_component(name: str, model_path: str | Path, config: dict | None = N
     model_path = _existing(model_path, "model_path")
     if model_path.is_file():
         model_path = model_path.parent  # a single DiT file: its companions lie beside it
-    return Found(finder(model_path), f"found in {model_path}")
+    module, function = finder.rsplit(".", 1)
+    find = getattr(importlib.import_module(f"x2v.loading.{module}"), function)
+    return Found(find(model_path), f"found in {model_path}")
