@@ -3,6 +3,9 @@
     python benchmarks/dit_step.py                      # 1.3B and 14B, 480P 81 frames (32,760 tokens), bf16
     python benchmarks/dit_step.py --sizes tiny --device cpu --frames 5 --height 64 --width 64   # smoke test
 
+With ``--quant fp8 int8`` (the default on a GPU) x2v also runs the same weights quantized per output channel
+(as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), 8-bit matmuls where the card has them.
+
 Weights are random (the timing does not depend on them). Both models share the same weight tensors
 (x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
 """
@@ -21,6 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from x2v.formats.dit_keys import diffusers_key_to_official  # noqa: E402
+from x2v.formats.quant import FLOAT  # noqa: E402
+from x2v.loading.quantized import prepare_quantized  # noqa: E402
 from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
 
@@ -57,10 +62,14 @@ def diffusers_model(cfg: WanDiTConfig, dtype: torch.dtype, device: str):
     return model.eval()
 
 
-def x2v_model(cfg: WanDiTConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> WanDiT:
-    """x2v's model over the same tensors (renamed; only the small float32 ones are copied)."""
+def x2v_model(cfg: WanDiTConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
+              quant: str | None = None) -> WanDiT:
+    """x2v's model over the same tensors (renamed; only the small float32 ones are copied), or quantized to
+    ``quant`` ("fp8"/"int8") the way load_dit quantizes a float file."""
     official = {diffusers_key_to_official(k): v for k, v in weights.items()}
     model = build_on_meta(lambda: WanDiT(cfg))
+    official = prepare_quantized(model, official, FLOAT, quantize_kind=quant, component="dit", dtype=dtype,
+                                 device=device, keep_fp32=FP32_PARAMS)
     return assign_weights(model, official, dtype=dtype, device=device, keep_fp32=FP32_PARAMS)
 
 
@@ -120,6 +129,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--quant", nargs="*", choices=["fp8", "int8"],
+                        default=["fp8", "int8"] if torch.cuda.is_available() else [],
+                        help="also time x2v with these 8-bit linear layers (default on a GPU: fp8 int8)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
                         help="print the top operators of one forward of each (default 18 rows)")
@@ -135,38 +147,44 @@ def main() -> None:
     for size in args.sizes:
         cfg = SIZES[size]
         reference = diffusers_model(cfg, dtype, device)
-        ours = x2v_model(cfg, reference.state_dict(), dtype, device)
+        models = {"diffusers": lambda x, t, c: reference(x, t, c, return_dict=False)[0]}
+        for quant in [None, *args.quant]:
+            models[f"x2v {quant or args.dtype}"] = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
         g = torch.Generator(device).manual_seed(1)
         x = torch.randn(latent, generator=g, device=device, dtype=dtype)
         context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
         t = torch.tensor([900], device=device)
 
         with torch.inference_mode():
-            ref_out = reference(x, t, context, return_dict=False)[0]
-            our_out = ours(x, t, context)
-            rel = ((our_out - ref_out.float()).norm() / ref_out.float().norm()).item()
-            del ref_out, our_out
-            t_ref, t_ours = timed_alternating(
-                [lambda: reference(x, t, context, return_dict=False), lambda: ours(x, t, context)],
-                args.warmup, args.iters, device)
+            ref_out = models["diffusers"](x, t, context).float()
+            rel = {}
+            for name, model in list(models.items())[1:]:
+                rel[name] = ((model(x, t, context) - ref_out).norm() / ref_out.norm()).item()
+            del ref_out
+            runs = [lambda m=m: m(x, t, context) for m in models.values()]
+            times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device)))
             if args.profile:
-                profile("diffusers", lambda: reference(x, t, context, return_dict=False), args.profile)
-                profile("x2v", lambda: ours(x, t, context), args.profile)
+                for name, run in zip(models, runs):
+                    profile(name, run, args.profile)
         flops = forward_flops(cfg, tokens)
-        row = dict(size=size, tokens=tokens, dtype=args.dtype, diffusers_s=t_ref, x2v_s=t_ours,
-                   ratio=t_ours / t_ref, x2v_tflops=flops / t_ours / 1e12, rel_diff=rel)
-        if device.startswith("cuda"):
-            row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        results.append(row)
-        print(f"{size:>5}: diffusers {t_ref:.3f} s | x2v {t_ours:.3f} s | ratio {t_ours / t_ref:.3f} | "
-              f"x2v {flops / t_ours / 1e12:.0f} TFLOP/s | rel. L2 diff {rel:.2e}", flush=True)
-        del reference, ours, x, context
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        line = [f"{size:>5}: diffusers {args.dtype} {times['diffusers']:.3f} s"]
+        for name, seconds in times.items():
+            ratio = seconds / times["diffusers"]
+            results.append(dict(size=size, tokens=tokens, model=name, seconds=seconds, ratio_to_diffusers=ratio,
+                                tflops=flops / seconds / 1e12, rel_diff_to_diffusers=rel.get(name, 0.0),
+                                peak_gib_all_models=peak))
+            if name != "diffusers":
+                line.append(f"{name} {seconds:.3f} s ({ratio:.3f}x, {flops / seconds / 1e12:.0f} TFLOP/s, "
+                            f"rel. L2 {rel[name]:.1e})")
+        print(" | ".join(line), flush=True)
+        del reference, models, runs, x, context
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    assert all(math.isfinite(r["rel_diff"]) for r in results)
+    assert all(math.isfinite(r["rel_diff_to_diffusers"]) for r in results)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,34 @@ def check_quantized_load(root: Path, gpu: str) -> list[str]:
     worst = max((on_gpu[k].cpu().float() - v.float()).abs().max().item() for k, v in on_cpu.items())
     ok = worst == 0.0
     print(f"{'ok ' if ok else 'FAIL'} fp8 file loaded straight to the GPU equals the CPU load (max diff {worst})")
-    return [] if ok else ["quantized load"]
+    return ([] if ok else ["quantized load"]) + check_8bit_kernels(model, gpu)
+
+
+def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
+    """A float model quantized at load, run with the 8-bit kernels and with per-layer dequantization."""
+    from x2v.loading.dit import load_dit
+    from x2v.ops.quant_linear import set_quant_mode, w8a8_available
+
+    failures = []
+    g = torch.Generator().manual_seed(0)
+    for kind, bound in (("fp8", 4e-2), ("int8", 1.5e-2)):
+        dit = load_dit(model, device=gpu, dit_quantized=True, quant_scheme=f"{kind}-vllm")
+        cfg = dit.config
+        x = torch.randn(1, cfg.in_dim, 3, 16, 16, generator=g).to(gpu)
+        context = torch.randn(1, 20, cfg.text_dim, generator=g).to(gpu)
+        t = torch.tensor([700.0], device=gpu)
+        outputs = {}
+        with torch.no_grad():
+            for mode in ("weight-only", "auto"):
+                set_quant_mode(dit, mode)
+                outputs[mode] = dit(x, t, context)
+        rel = ((outputs["auto"] - outputs["weight-only"]).norm() / outputs["weight-only"].norm()).item()
+        kernel = w8a8_available(kind, torch.device(gpu))
+        ok = rel <= bound and (kernel or gpu == "cpu")
+        print(f"{'ok ' if ok else 'FAIL'} {kind}: 8-bit kernel used: {kernel}; vs per-layer dequantization "
+              f"rel. L2 {rel:.2e} (bound {bound})")
+        failures += [] if ok else [f"{kind} kernels"]
+    return failures
 
 
 def main() -> None:

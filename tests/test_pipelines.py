@@ -178,6 +178,6 @@ def test_wan22_distilled_experts_switch_by_step(models, monkeypatch):
     assert result.frames.shape == (5, 64, 64, 3)
 
 
-def test_lora_configs_are_refused_not_ignored(models):
-    with pytest.raises(Exception, match="LoRAs are not supported by x2v yet"):
+def test_a_missing_lora_file_is_an_error_not_ignored(models):
+    with pytest.raises(Exception, match="distill.safetensors.*LoRA file not found"):
         Pipeline.from_pretrained(models["t2v"], device="cpu", lora_configs=[{"path": "distill.safetensors"}], **SMALL)

@@ -9,7 +9,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from x2v.demo import write_tokenizer
-from x2v.errors import CheckpointError, UnsupportedModelError
+from x2v.errors import CheckpointError
 from x2v.formats.t5_keys import hf_to_official, infer_config, official_to_hf, to_official
 from x2v.formats.tokenizer import clean_prompt
 from x2v.loading.text_encoder import OFFICIAL_T5_NAME, load_text_encoder, load_tokenizer
@@ -186,15 +186,6 @@ def test_official_name_wins_over_other_candidates(tmp_path):
     write_official_dir(tmp_path, hf)
     (tmp_path / "model" / "umt5_broken.safetensors").write_bytes(b"not read")
     assert isinstance(load_text_encoder(tmp_path / "model"), T5Encoder)
-
-
-def test_quantized_checkpoint_is_refused(tmp_path):
-    tensors = official_state_dict(tiny_hf_encoder(**TINY_CONFIGS[0]))
-    tensors["blocks.0.attn.q.weight"] = tensors["blocks.0.attn.q.weight"].to(torch.float8_e4m3fn)
-    tensors["blocks.0.attn.q.weight_scale"] = torch.ones(32, 1)
-    file = write_pth(tmp_path / "models_t5_umt5-xxl-enc-fp8.pth", tensors)
-    with pytest.raises(UnsupportedModelError, match="quantized"):
-        load_text_encoder(file)
 
 
 def test_not_a_t5_file(tmp_path):

@@ -11,6 +11,11 @@ _LAZY = {
     "load_vae": "x2v.loading.vae",
     "Pipeline": "x2v.pipelines.wan",
     "inspect_model": "x2v.loading.inspect",
+    "LoraEntry": "x2v.loading.lora",
+    "LoraReport": "x2v.loading.lora",
+    "merge_loras": "x2v.loading.lora",
+    "attach_loras": "x2v.loading.lora",
+    "detach_loras": "x2v.loading.lora",
 }
 
 __all__ = ["CheckpointError", "UnsupportedModelError", "X2VError", *_LAZY]

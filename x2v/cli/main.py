@@ -38,6 +38,53 @@ def inspect(args: argparse.Namespace) -> int:
     return 1 if any(r.problems for r in reports) else 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from x2v.convert import ConvertOptions, convert as run_convert, parse_lora
+    from x2v.convert.layouts import parse_size
+    from x2v.convert.options import DTYPES, expert_name
+
+    options = ConvertOptions(
+        layout=args.layout, quantize=args.quantize, dtype=DTYPES[args.dtype] if args.dtype else None,
+        shard_size=parse_size(args.shard_size), loras=tuple(parse_lora(text) for text in args.lora),
+        component=args.component, expert=expert_name(args.expert) if args.expert else None,
+        components="link" if args.link_components else "copy" if args.copy_components else None,
+        overwrite=args.overwrite, progress=not args.quiet,
+    )
+    print(run_convert(args.source, args.output, options).report())
+    return 0
+
+
+def add_convert_arguments(p: argparse.ArgumentParser) -> None:
+    # Plain strings: building the parser must not import torch (x2v.convert checks the values).
+    p.add_argument("source", type=Path, help="model folder (Wan2.1/2.2, diffusers), DiT folder or checkpoint file")
+    p.add_argument("output", type=Path, help="output folder, or a .safetensors file (single-file layouts) / .pth "
+                                             "file (--component t5/clip)")
+    p.add_argument("--layout", choices=["official", "single", "diffusers", "comfyui", "block-split"],
+                   help="official: shards of --shard-size + index; single: one file; diffusers: diffusers names + "
+                        "config; comfyui: model.diffusion_model. names, one file (scaled fp8 with --quantize fp8); "
+                        "block-split: LightX2V lazy-load folder (default: official)")
+    p.add_argument("--quantize", choices=["fp8", "int8", "none"],
+                   help="LightX2V per-channel int8/fp8 block linear layers (ComfyUI layout: scaled fp8); none: "
+                        "dequantize (default: keep the source's encoding)")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"],
+                   help="dtype of the unquantized tensors (default: keep each tensor's; bf16 for dequantized ones)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard of the official/diffusers layouts (5GB)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:STRENGTH][@EXPERT]",
+                   help="merge a LoRA before quantizing (repeatable). Converting both Wan2.2 experts, name the "
+                        "expert: @high_noise_model / @low_noise_model (@high / @low); repeat --lora for both")
+    p.add_argument("--component", choices=["dit", "t5", "clip"], default="dit",
+                   help="what to convert; t5/clip write LightX2V's models_t5_umt5-xxl-enc-{fp8,int8}.pth / "
+                        "models_clip_..-{fp8,int8}.pth (default: dit)")
+    p.add_argument("--expert", help="Wan2.2: convert only this expert (high_noise_model / low_noise_model), or "
+                                    "record which expert a lone expert file is")
+    links = p.add_mutually_exclusive_group()
+    links.add_argument("--copy-components", action="store_true",
+                       help="copy T5, CLIP, VAE and tokenizer so the output is a complete model folder")
+    links.add_argument("--link-components", action="store_true", help="the same with symbolic links")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2v", description="Load and run Wan2.1 / Wan2.2 video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -55,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype for the memory estimate")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=inspect)
+    p = sub.add_parser("convert", help="rewrite a checkpoint: layout, dtype, int8/fp8 quantization, merged LoRAs")
+    add_convert_arguments(p)
+    p.set_defaults(func=convert)
     p = sub.add_parser("generate", help="generate a video (LightX2V's flags; python -m x2v.infer takes the same)")
     add_generate_arguments(p, model_path_required=False)
     p.set_defaults(func=run_generate)

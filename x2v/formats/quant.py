@@ -32,6 +32,7 @@ MARKER = "scaled_fp8"  # ComfyUI: the marker's presence means "scaled fp8 file";
 WEIGHT_KINDS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
 WEIGHT_SCALES = ("weight_scale", "scale_weight")  # LightX2V spelling, ComfyUI spelling
 ACTIVATION_SCALES = {"input_scale": "weight_scale", "scale_input": "scale_weight"}  # -> the weight scale it goes with
+SCALE_NAMES = (*WEIGHT_SCALES, *ACTIVATION_SCALES)
 PER_CHANNEL, PER_TENSOR = "per-channel", "per-tensor"
 
 # (scale name, weight kind, scale granularity) -> encoding name; any other combination is not a known layout.
@@ -132,9 +133,16 @@ class Encoding:
 FLOAT = Encoding("float")
 
 
-def quantized_in_releases(key: str) -> bool:
-    """Whether released LightX2V int8/fp8 DiTs store this official key quantized."""
-    return RELEASE_QUANTIZED.match(key) is not None
+# The same for LightX2V's quantized umT5 and CLIP files (official names; CLIP also without ``visual.``).
+T5_RELEASE_QUANTIZED = re.compile(r"^blocks\.\d+\.(?:attn\.[qkvo]|ffn\.(?:gate\.0|fc1|fc2))\.weight$")
+CLIP_RELEASE_QUANTIZED = re.compile(r"^(?:visual\.)?transformer\.\d+\.(?:attn\.(?:to_qkv|proj)|mlp\.[02])\.weight$")
+RELEASE_RULES = {"dit": RELEASE_QUANTIZED, "t5": T5_RELEASE_QUANTIZED, "clip": CLIP_RELEASE_QUANTIZED}
+
+
+def quantized_in_releases(key: str, component: str = "dit") -> bool:
+    """Whether LightX2V's released int8/fp8 files of ``component`` (dit, t5, clip) store this official key
+    quantized: the block attention and feed-forward linears only."""
+    return RELEASE_RULES[component].match(key) is not None
 
 
 def _scale_granularity(scale_key: str, scale: torch.Tensor, weight: torch.Tensor, source: str) -> str:
@@ -282,58 +290,65 @@ def _holds(encoding: Encoding) -> str:
     return f"this file holds {encoding.family} weights ({encoding.name})"
 
 
-def _fix(encoding: Encoding) -> str:
+def _fix(encoding: Encoding, component: str) -> str:
     if not encoding.quantized:
-        declare = "set dit_quantized false (dit_quant_scheme Default)"
+        declare = f"set {component}_quantized false ({component}_quant_scheme Default)"
     else:
-        declare = f"set dit_quantized true and dit_quant_scheme {schemes_for(encoding)[0]} (or another " \
-                  f"{encoding.weight_kind} scheme)"
+        declare = f"set {component}_quantized true and {component}_quant_scheme {schemes_for(encoding)[0]} " \
+                  f"(or another {encoding.weight_kind} scheme)"
     return f"{declare}, or leave both out: x2v detects the encoding"
 
 
-def check_scheme(encoding: Encoding, declared_scheme: str | None, dit_quantized: bool | None, source: str) -> None:
-    """Refuse a LightX2V-style declaration (dit_quantized / dit_quant_scheme) that contradicts the file.
+def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: bool | None, source: str,
+                 component: str = "dit") -> None:
+    """Refuse a LightX2V-style declaration (``dit_quantized`` / ``dit_quant_scheme``, or the ``t5_`` / ``clip_``
+    keys for ``component`` t5 / clip) that contradicts the file.
 
     x2v detects the encoding itself, so declaring nothing is fine; only a contradiction is an error, because it
     means the user pointed at the wrong file or believes it holds something else. Legacy long names (mm_type)
     are accepted. Per-channel schemes accept per-tensor files of the same weight kind (e.g. ComfyUI scaled fp8
     with fp8-vllm): a per-tensor scale is a per-channel scale repeated. fp8-pertensor accepts per-tensor only.
     """
-    holds, fix = _holds(encoding), _fix(encoding)
+    holds, fix = _holds(encoding), _fix(encoding, component)
     scheme = LEGACY_SCHEMES.get(declared_scheme, declared_scheme)
     if scheme in UNSUPPORTED_SCHEMES:
         raise UnsupportedModelError(
-            f"{source}: dit_quant_scheme '{declared_scheme}' ({UNSUPPORTED_SCHEMES[scheme]}) is recognized but not "
-            f"supported yet by x2v. Supported: {', '.join(SCHEME_FAMILIES)} (and their legacy long names). "
+            f"{source}: {component}_quant_scheme '{declared_scheme}' ({UNSUPPORTED_SCHEMES[scheme]}) is recognized "
+            f"but not supported yet by x2v. Supported: {', '.join(SCHEME_FAMILIES)} (and their legacy long names). "
             f"As {holds}: {fix}."
         )
     if scheme is not None and scheme not in SCHEME_FAMILIES:
         raise CheckpointError(
-            f"{source}: unknown dit_quant_scheme '{declared_scheme}'. Expected one of: {', '.join(SCHEME_FAMILIES)} "
-            f"(or their legacy long names). As {holds}: {fix}."
+            f"{source}: unknown {component}_quant_scheme '{declared_scheme}'. Expected one of: "
+            f"{', '.join(SCHEME_FAMILIES)} (or their legacy long names). As {holds}: {fix}."
         )
     scheme_quantized = None if scheme is None else scheme != "Default"
-    if dit_quantized is not None and scheme_quantized is not None and dit_quantized != scheme_quantized:
+    if quantized is not None and scheme_quantized is not None and quantized != scheme_quantized:
         raise CheckpointError(
-            f"{source}: contradictory settings dit_quantized {str(dit_quantized).lower()} and dit_quant_scheme "
-            f"'{declared_scheme}'. As {holds}: {fix}."
+            f"{source}: contradictory settings {component}_quantized {str(quantized).lower()} and "
+            f"{component}_quant_scheme '{declared_scheme}'. As {holds}: {fix}."
         )
-    declared_quantized = dit_quantized if dit_quantized is not None else scheme_quantized
+    declared_quantized = quantized if quantized is not None else scheme_quantized
     if declared_quantized is None:
         return
     if declared_quantized and not encoding.quantized:
-        raise CheckpointError(
-            f"{source}: declared quantized (dit_quantized true / dit_quant_scheme '{declared_scheme}') but {holds}. "
-            f"Point dit_quantized_ckpt at the quantized file, or {fix}."
-        )
+        if scheme_kind(scheme) is None:
+            raise CheckpointError(
+                f"{source}: {component}_quantized is true but {holds} and no {component}_quant_scheme says how to "
+                f"quantize it. Set {component}_quant_scheme to an fp8 scheme (fp8-vllm) or an int8 one (int8-vllm) to "
+                f"quantize it at load, or point {component}_quantized_ckpt at a quantized file."
+            )
+        return  # a float file declared quantized is quantized at load
     if not declared_quantized and encoding.quantized:
         raise CheckpointError(
-            f"{source}: declared not quantized (dit_quantized false / dit_quant_scheme Default) but {holds}: {fix}."
+            f"{source}: declared not quantized ({component}_quantized false / {component}_quant_scheme Default) but "
+            f"{holds}: {fix}."
         )
     family = SCHEME_FAMILIES.get(scheme)
     if family is not None and not _accepts(family, encoding):
         raise CheckpointError(
-            f"{source}: dit_quant_scheme '{declared_scheme}' expects {' '.join(family)} weights, but {holds}: {fix}."
+            f"{source}: {component}_quant_scheme '{declared_scheme}' expects {' '.join(family)} weights, but "
+            f"{holds}: {fix}."
         )
 
 
@@ -354,23 +369,107 @@ def dequantize(
     *,
     device: torch.device | str = "cpu",
     keep_fp32: tuple[str, ...] = (),
+    keep_quantized: frozenset[str] = frozenset(),
 ) -> dict[str, torch.Tensor]:
-    """Float official-named tensors: quantized weights dequantized one at a time, scales and marker removed.
+    """Official-named tensors ready for the model: quantized weights dequantized one at a time, scales and marker
+    removed, except the layers in ``keep_quantized``, which keep their int8/fp8 weight and get their scale as a
+    float32 per-channel ``<layer>.weight_scale`` (what ``QuantLinear`` holds).
 
     Other tensors pass through untouched (no copy). Weights whose name contains one of ``keep_fp32`` are
     dequantized to float32 instead of ``dtype`` (the model keeps them in float32).
     """
     scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
-    dropped = {MARKER} | {f"{layer}.{n}" for layer in encoding.layers for n in (*WEIGHT_SCALES, *ACTIVATION_SCALES)}
+    dropped = {MARKER} | {f"{layer}.{n}" for layer in encoding.layers for n in SCALE_NAMES}
     mappings = FileMappings()
     result = {}
     for key, tensor in tensors.items():
         if key in dropped:
             continue
-        if key in scales:
+        layer = key.removesuffix(".weight")
+        if layer in keep_quantized:
+            result[f"{layer}.weight_scale"] = per_channel_scale(tensors[scales[key]], tensor.shape[0])
+        elif key in scales:
             target = torch.float32 if any(s in key for s in keep_fp32) else dtype
             pages = mappings.pages(tensor)
             tensor = dequantize_weight(tensor, tensors[scales[key]], target, device)
             release_pages(pages)  # the file's copy of this weight is no longer needed in memory
         result[key] = tensor
     return result
+
+
+def quantize_layers(
+    tensors: dict[str, torch.Tensor], layers: list[str], kind: str, *, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Float official-named tensors with the weights of ``layers`` quantized per output channel (one at a time,
+    on ``device``, each source weight's pages released after): ``<layer>.weight`` + ``<layer>.weight_scale``."""
+    mappings = FileMappings()
+    result = dict(tensors)
+    for layer in layers:
+        weight = tensors[f"{layer}.weight"]
+        pages = mappings.pages(weight)
+        result[f"{layer}.weight"], result[f"{layer}.weight_scale"] = quantize_weight(weight.to(device), kind)
+        release_pages(pages)
+    return result
+
+
+# --- quantizing ---------------------------------------------------------------------------------------------------
+
+QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+QMAX = {"int8": 127.0, "fp8": 448.0}  # symmetric range of each weight kind
+MIN_AMAX = 1e-5  # LightX2V's floor for an all-zero row
+
+
+def scheme_kind(scheme: str | None) -> str | None:
+    """``"int8"`` / ``"fp8"`` for a per-channel dit_quant_scheme (legacy names too), None for Default/None."""
+    family = SCHEME_FAMILIES.get(LEGACY_SCHEMES.get(scheme, scheme)) if scheme else None
+    return family[0] if family else None
+
+
+def _round_stochastic(values: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Round each value up or down to a neighbour on the ``kind`` grid, with probability by distance: the expected
+    result is the value itself, so small additions (a LoRA merged into fp8 weights) survive on average."""
+    noise = torch.rand(values.shape, generator=generator, device=generator.device).to(values.device)
+    if kind == "int8":
+        return torch.floor(values + noise).clamp_(-128, 127).to(torch.int8)
+    nearest = values.to(torch.float8_e4m3fn)
+    # The other neighbour: one step of the fp8 grid towards the value (bit patterns are sign + magnitude).
+    bits = nearest.view(torch.uint8).to(torch.int16)
+    negative, magnitude = bits >= 128, bits & 0x7F
+    toward_up = values > nearest.float()
+    step_away_from_zero = toward_up != negative
+    magnitude = torch.where(step_away_from_zero, magnitude + 1, magnitude - 1)
+    crosses_zero = magnitude < 0  # stepping below zero lands on the smallest value of the other sign
+    negative = torch.where(crosses_zero, ~negative, negative)
+    magnitude = torch.where(crosses_zero, 1, magnitude)
+    other = (magnitude + negative * 128).to(torch.uint8).view(torch.float8_e4m3fn)
+    near, far = nearest.float(), other.float()
+    gap = (far - near).abs()
+    take_far = (values != near) & (noise * gap < (values - near).abs())
+    return torch.where(take_far, other, nearest)
+
+
+def quantize_weight(
+    weight: torch.Tensor, kind: str, *, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LightX2V per-output-channel symmetric quantization: ``(q [out, in] int8/fp8, scale [out, 1] float32)``.
+
+    ``scale = max(amax(|row|), 1e-5) / qmax``; values are rounded to nearest, or stochastically when a
+    ``generator`` is given. Computed in float32 on the weight's device.
+    """
+    if kind not in QMAX:
+        raise ValueError(f"unknown weight kind {kind!r}; expected one of {', '.join(QMAX)}")
+    rows = weight.float().reshape(weight.shape[0], -1)
+    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=MIN_AMAX) / QMAX[kind]
+    values = (rows / scale).clamp_(-QMAX[kind], QMAX[kind])
+    if generator is not None:
+        q = _round_stochastic(values, kind, generator)
+    elif kind == "int8":
+        q = values.round_().to(torch.int8)
+    else:
+        q = values.to(torch.float8_e4m3fn)  # round to nearest even
+    return q.reshape(weight.shape), scale
+
+
+def per_channel_scale(scale: torch.Tensor, out_channels: int) -> torch.Tensor:
+    """Any stored weight scale (per tensor or ``[out, 1]``) as a float32 ``[out, 1]`` per-channel scale."""
+    return scale.to(torch.float32).reshape(-1, 1).expand(out_channels, 1).contiguous()

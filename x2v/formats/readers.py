@@ -200,7 +200,7 @@ def is_block_split(directory: str | os.PathLike) -> bool:
     return (Path(directory) / NON_BLOCK_FILE).is_file()
 
 
-def _home_block(name: str) -> int | None:
+def home_block(name: str) -> int | None:
     """The block file a tensor belongs in (None: non_block), as LightX2V's converter assigns it."""
     match = BLOCK_KEY.search(name)
     if match is None:
@@ -231,7 +231,7 @@ def read_block_split(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
     placement: dict[str, str] = {}
     for file, block in files.items():
         for name, tensor in read_safetensors(directory / file).items():
-            home = _home_block(name)
+            home = home_block(name)
             if home != block:
                 belongs = NON_BLOCK_FILE if home is None else f"block_{home}.safetensors"
                 raise CheckpointError(

@@ -13,6 +13,7 @@ from typing import Literal
 import torch
 
 from x2v.errors import CheckpointError
+from x2v.formats.quant import SCALE_NAMES
 from x2v.loading.weights import summarize_keys
 from x2v.models.t5 import T5EncoderConfig
 
@@ -57,6 +58,9 @@ def official_to_hf_name(name: str) -> str:
 
 
 def hf_to_official_name(name: str) -> str:
+    layer, _, last = name.rpartition(".")
+    if layer and last in SCALE_NAMES:  # a quantized layer's scale goes with its weight (ComfyUI scaled fp8)
+        return f"{hf_to_official_name(f'{layer}.weight').removesuffix('.weight')}.{last}"
     if name in HF_TO_OFFICIAL_TOP:
         return HF_TO_OFFICIAL_TOP[name]
     match = HF_BLOCK_RE.fullmatch(name)

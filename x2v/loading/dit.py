@@ -10,10 +10,12 @@ import torch
 from x2v.errors import CheckpointError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
-from x2v.formats.quant import check_scheme, dequantize, detect_encoding
+from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 from x2v.formats.readers import read_checkpoint
+from x2v.loading.lora import apply_loras
 from x2v.loading.resolve import resolve_dit
 from x2v.formats.keys import summarize_keys
+from x2v.loading.quantized import prepare_quantized
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
 
@@ -64,6 +66,9 @@ def load_dit(
     expert: str | None = None,
     dit_quantized: bool | None = None,
     quant_scheme: str | None = None,
+    lora_configs: list | None = None,
+    lora_dynamic_apply: bool = False,
+    lora_strict: bool = False,
 ) -> WanDiT:
     """A ready DiT: architecture from the weights (cross-checked with config.json), built on meta, tensors assigned.
 
@@ -72,9 +77,15 @@ def load_dit(
 
     ``dtype`` is the compute dtype of linear layers and attention (default: the checkpoint's, bfloat16 for an
     int8/fp8 file); norms, modulation, time embedding and head stay in float32. Quantized weights (LightX2V
-    int8/fp8, ComfyUI scaled fp8) are detected from the tensors and dequantized with their scales.
+    int8/fp8, ComfyUI scaled fp8) are detected from the tensors; their linear layers stay 8-bit
+    (``QuantLinear``: 8-bit matmuls on GPUs that have them, else dequantized one layer at a time).
     ``dit_quantized`` / ``quant_scheme`` (LightX2V's ``dit_quantized`` / ``dit_quant_scheme``) are optional:
-    when given they must agree with the file. ``model.load_info`` says what was loaded.
+    when given they must agree with the file, except that a float file declared quantized is quantized at
+    load (per output channel, the layers releases quantize). ``model.load_info`` says what was loaded.
+
+    ``lora_configs`` (``{"path", "strength", "alpha", "name"}`` entries or paths) are merged into the weights, or
+    attached at run time with ``lora_dynamic_apply`` (``x2v.loading.lora``); a Wan2.2 ``expert`` takes the entries
+    naming it. ``lora_strict``: a LoRA key that changes nothing is an error. Reports: ``load_info["loras"]``.
     """
     path = Path(path)
     if not path.exists():
@@ -85,18 +96,26 @@ def load_dit(
     config = architecture or detect_architecture(checkpoint, tensors)
     encoding = detect_encoding(tensors, source)
     check_scheme(encoding, quant_scheme, dit_quantized, source)
+    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)  # a float file declared quantized
     if encoding.quantized:
         dtype = dtype or torch.bfloat16
-        log.info("%s: %s weights (%s), dequantized to %s at load.", source, encoding.family, encoding.name, dtype)
+        log.info("%s: %s weights (%s), run quantized with %s compute.", source, encoding.family, encoding.name, dtype)
         if encoding.unusual_layers:
             log.info("%s: also quantizes layers released files keep in high precision: %s.",
                      source, summarize_keys(f"{layer}.weight" for layer in encoding.unusual_layers))
-    dtype = dtype or default_dtype(tensors)
-    tensors = dequantize(tensors, encoding, dtype, device=device, keep_fp32=FP32_PARAMS)
+    elif quantize_kind:
+        log.info("%s: float weights quantized to %s per output channel at load (dit_quant_scheme %s).",
+                 source, quantize_kind, quant_scheme)
+    dtype = dtype or (torch.bfloat16 if quantize_kind else default_dtype(tensors))
     model = build_on_meta(lambda: WanDiT(config))
+    tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="dit", dtype=dtype,
+                                device=device, keep_fp32=FP32_PARAMS)
     model = assign_weights(
         model, tensors, dtype=dtype, device=device, keep_fp32=FP32_PARAMS, source=source,
         what=f"{config.model_type} DiT (dim {config.dim}, {config.num_layers} layers)",
     )
-    model.load_info = {"encoding": encoding.name, "source": source}
+    model.load_info = {"encoding": encoding.name, "source": source, "quantized": encoding.weight_kind or quantize_kind}
+    if lora_configs:
+        model.load_info["loras"] = apply_loras(model, lora_configs, dynamic=lora_dynamic_apply, strict=lora_strict,
+                                               expert=expert)
     return model

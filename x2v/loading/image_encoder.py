@@ -10,7 +10,9 @@ import torch
 
 from x2v.errors import CheckpointError
 from x2v.formats.clip_keys import OFFICIAL_PREFIX, infer_config, to_official
+from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 from x2v.formats.readers import read_checkpoint
+from x2v.loading.quantized import prepare_quantized
 from x2v.loading.resolve import one_candidate
 from x2v.formats.keys import summarize_keys
 from x2v.loading.weights import assign_weights, build_on_meta
@@ -20,6 +22,7 @@ OFFICIAL_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 SUBFOLDER = "image_encoder"  # diffusers layout
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".safetensors.index.json")
 SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+KEEP_FP32 = ("norm",)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -32,11 +35,19 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def find_image_encoder_checkpoint(model_dir: Path) -> Path:
-    """The official file if present, else the single CLIP-looking checkpoint at the top or in ``image_encoder/``."""
-    for folder in (model_dir, model_dir / SUBFOLDER):
-        if (folder / OFFICIAL_FILE).is_file():
-            return folder / OFFICIAL_FILE
+def official_names(quant_kind: str | None) -> list[str]:
+    """File names to look for, best first: LightX2V's quantized names (current, then old) for ``quant_kind``."""
+    quantized = [OFFICIAL_FILE.replace(".pth", f"-{quant_kind}.pth"), f"clip-{quant_kind}.pth"] if quant_kind else []
+    return [*quantized, OFFICIAL_FILE]
+
+
+def find_image_encoder_checkpoint(model_dir: Path, quant_kind: str | None = None) -> Path:
+    """The official file if present (LightX2V's quantized one first when ``quant_kind`` is "int8"/"fp8"), else
+    the single CLIP-looking checkpoint at the top or in ``image_encoder/``."""
+    for name in official_names(quant_kind):
+        for folder in (model_dir, model_dir / SUBFOLDER):
+            if (folder / name).is_file():
+                return folder / name
     candidates = [f for f in checkpoint_files(model_dir) if "clip" in f.name.lower()]
     candidates += checkpoint_files(model_dir / SUBFOLDER)
     return one_candidate(model_dir, candidates, "CLIP image encoder",
@@ -61,15 +72,20 @@ def load_image_encoder(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     num_heads: int | None = None,
+    quantized: bool | None = None,
+    quant_scheme: str | None = None,
 ) -> ClipVisionTower:
     """Build the CLIP vision tower from a model directory or a checkpoint (official or transformers names).
 
     ``dtype=None`` keeps the checkpoint's floating dtype; LayerNorm weights are always stored in float32.
     ``num_heads`` overrides the head count inferred from the width (the checkpoint does not store it).
+    Quantized LightX2V files (``...-vit-huge-14-{fp8,int8}.pth``) keep their attention and MLP linears 8-bit;
+    ``quantized`` / ``quant_scheme`` (``clip_quantized`` / ``clip_quant_scheme``) must agree with the file, and
+    with a float file quantize it at load.
     """
     path = Path(path)
     if path.is_dir():
-        path = find_image_encoder_checkpoint(path)
+        path = find_image_encoder_checkpoint(path, scheme_kind(quant_scheme) if quantized else None)
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory (expected a model directory or a CLIP checkpoint).")
     raw = read_checkpoint(path)
@@ -80,13 +96,13 @@ def load_image_encoder(
         raise CheckpointError(
             f"{path}: not a usable CLIP image encoder checkpoint: {e}. Found: {summarize_keys(raw)}."
         ) from None
+    tensors = tower_tensors(official, config)
+    encoding = detect_encoding(tensors, str(path))
+    check_scheme(encoding, quant_scheme, quantized, str(path), component="clip")
+    dtype = dtype or official[OFFICIAL_PREFIX + "patch_embedding.weight"].dtype
     model = build_on_meta(lambda: ClipVisionTower(config))
-    return assign_weights(
-        model,
-        tower_tensors(official, config),
-        dtype=dtype or official[OFFICIAL_PREFIX + "patch_embedding.weight"].dtype,
-        device=device,
-        keep_fp32=("norm",),
-        source=str(path),
-        what="CLIP vision tower",
-    )
+    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)
+    tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="clip", dtype=dtype,
+                                device=device, keep_fp32=KEEP_FP32)
+    return assign_weights(model, tensors, dtype=dtype, device=device, keep_fp32=KEEP_FP32, source=str(path),
+                          what="CLIP vision tower")

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from x2v.errors import X2VError
+from x2v.formats.quant import MARKER, SCALE_NAMES, Encoding
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.resolve import Found, resolve_component, resolve_dit
 from x2v.loading.weights import build_on_meta, target_dtype, weight_problems
@@ -64,7 +65,9 @@ def read_tensors(report: ComponentReport) -> dict[str, torch.Tensor]:
 
 
 def memory_at(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, ...] = ()) -> int:
-    return sum(t.numel() * target_dtype(n, t.dtype, dtype, keep_fp32).itemsize for n, t in model.state_dict().items())
+    """Bytes of ``model``'s tensors (meta is fine) at ``dtype``; quantized layers count at their 8-bit storage."""
+    return sum(t.numel() * target_dtype(n, t.dtype, dtype, keep_fp32, t.dtype).itemsize
+               for n, t in model.state_dict().items())
 
 
 def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
@@ -75,31 +78,63 @@ def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, conf
     prefix = next((p for p in PREFIXES if any(k.startswith(p) for k in tensors)), "")
     layout = "diffusers" if is_diffusers_layout(tensors) else "official (Wan / LightX2V)"
     report.facts["key_layout"] = layout + (f", {prefix!r} prefix (ComfyUI)" if prefix else "")
+    converted = converter_record(report.found.path)
+    if converted:
+        report.facts["converted_by_x2v"] = converted
     official = to_official(tensors)
-    report.facts["quantization"] = quantization_of(official, report, config)
+    encoding = quantization_of(official, report, config, "dit")
     arch = detect_architecture(report.found.path, official)
     report.facts["variant"] = variant_name(arch)
     report.facts["architecture"] = {k: getattr(arch, k) for k in (
         "model_type", "dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "image_branch", "vace_layers")}
     report.facts["tasks"] = supported_tasks(arch)
     model = build_on_meta(lambda: WanDiT(arch))
-    report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, FP32_PARAMS)
-    if report.facts["quantization"] == "none":  # quantized files carry scale tensors beside the weights
-        report.problems += weight_problems(model.state_dict(), official, "DiT")
+    fit_and_memory(report, model, official, encoding, config, "dit", dtype, FP32_PARAMS, "DiT")
 
 
-def quantization_of(tensors: dict, report: ComponentReport, config: dict) -> str:
-    """The weight encoding read from the tensors, checked against the declared dit_quant_scheme."""
-    from x2v.formats.quant import check_scheme, detect_encoding
+def converter_record(path: Path) -> dict[str, str]:
+    """What ``x2v convert`` recorded in the file's metadata (layout, encoding, scheme, expert, source); {} if
+    another tool wrote it."""
+    from x2v.convert.layouts import from_metadata
+    from x2v.loading.resolve import checkpoint_metadata
+
+    return from_metadata(checkpoint_metadata(path))
+
+
+def quantization_of(tensors: dict, report: ComponentReport, config: dict, component: str) -> Encoding:
+    """The weight encoding read from the tensors, checked against the declared ``<component>_quant_scheme``;
+    described in ``report.facts["quantization"]``."""
+    from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 
     encoding = detect_encoding(tensors, str(report.found.path))
-    check_scheme(encoding, config.get("dit_quant_scheme"), config.get("dit_quantized"), str(report.found.path))
-    if not encoding.quantized:
-        return "none"
-    return f"{encoding.name} ({encoding.family}; dequantized at load)"
+    scheme = config.get(f"{component}_quant_scheme")
+    check_scheme(encoding, scheme, config.get(f"{component}_quantized"), str(report.found.path), component)
+    kind = scheme_kind(scheme)
+    if encoding.quantized:
+        report.facts["quantization"] = f"{encoding.name} ({encoding.family}; linear layers run 8-bit)"
+    else:
+        report.facts["quantization"] = f"none; quantized to {kind} at load ({component}_quant_scheme)" if kind \
+            else "none"
+    return encoding
 
 
-def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
+def fit_and_memory(report: ComponentReport, model: torch.nn.Module, tensors: dict, encoding: Encoding, config: dict,
+                   component: str, dtype: torch.dtype, keep_fp32: tuple[str, ...], what: str) -> None:
+    """Problems of ``tensors`` against the meta ``model``, then the memory it takes as loaded (8-bit layers
+    counted as such)."""
+    from x2v.formats.quant import scheme_kind
+    from x2v.loading.quantized import quantized_linears
+    from x2v.ops.quant_linear import replace_linears
+
+    weights = {k: v for k, v in tensors.items() if k != MARKER and k.rpartition(".")[2] not in SCALE_NAMES}
+    report.problems += weight_problems(model.state_dict(), weights, what)
+    quantize_kind = None if encoding.quantized else scheme_kind(config.get(f"{component}_quant_scheme"))
+    layers, kind = quantized_linears(model, tensors, encoding, quantize_kind, component, keep_fp32)
+    replace_linears(model, layers, kind, dtype)
+    report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, keep_fp32)
+
+
+def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
     from x2v.formats.t5_keys import detect_layout, infer_config, to_official
     from x2v.models.t5 import T5Encoder
 
@@ -107,14 +142,14 @@ def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> No
     official = to_official(tensors, str(report.found.path))
     arch = infer_config(official, str(report.found.path))
     report.facts["architecture"] = arch.__dict__
+    encoding = quantization_of(official, report, config, "t5")
     model = build_on_meta(lambda: T5Encoder(arch))
-    report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype)
-    report.problems += weight_problems(model.state_dict(), official, "umT5 encoder")
+    fit_and_memory(report, model, official, encoding, config, "t5", dtype, (), "umT5 encoder")
 
 
-def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
+def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
     from x2v.formats.clip_keys import find_layout, infer_config, to_official
-    from x2v.loading.image_encoder import tower_tensors
+    from x2v.loading.image_encoder import KEEP_FP32, tower_tensors
     from x2v.models.clip import ClipVisionTower
 
     layout = find_layout(tensors)
@@ -122,12 +157,13 @@ def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> 
     official = to_official(tensors)
     arch = infer_config(official)
     report.facts["architecture"] = arch.__dict__
+    tensors = tower_tensors(official, arch)
+    encoding = quantization_of(tensors, report, config, "clip")
     model = build_on_meta(lambda: ClipVisionTower(arch))
-    report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, ("norm",))
-    report.problems += weight_problems(model.state_dict(), tower_tensors(official, arch), "CLIP vision tower")
+    fit_and_memory(report, model, tensors, encoding, config, "clip", dtype, KEEP_FP32, "CLIP vision tower")
 
 
-def inspect_vae(report: ComponentReport, tensors: dict, dtype: torch.dtype) -> None:
+def inspect_vae(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
     from x2v.formats.vae_keys import detect_layout, detect_version, infer_config, to_official
     from x2v.models.vae import Wan21VAE
     from x2v.models.vae22 import Wan22VAE
@@ -179,7 +215,7 @@ def inspect_model(path: str | Path, config: dict | None = None, dtype: torch.dty
             report.facts["files"] = sorted(p.name for p in report.found.path.iterdir())
             continue
         try:
-            INSPECTORS[name](report, read_tensors(report), dtype)
+            INSPECTORS[name](report, read_tensors(report), dtype, config)
         except X2VError as e:
             report.problems.append(str(e))
     if len(dits) == 2:

@@ -10,6 +10,7 @@ Every answer records how it was found, so ``x2v inspect`` and the logs can say i
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,30 @@ def _dit_at(path: Path, how: str, choose_keys: str) -> Found:
     return Found(path, how) if path.is_file() else find_dit_file(path, choose_keys)
 
 
+def checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The safetensors metadata of a DiT checkpoint: its file, an index's first shard, a block-split folder's
+    ``non_block`` file; {} for pickles and unreadable files (loading reports those)."""
+    if path.is_dir():
+        path = path / "non_block.safetensors"
+    elif path.name.endswith(".index.json"):
+        try:
+            path = path.parent / min(json.loads(path.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+    if path.suffix != ".safetensors" or not path.is_file():
+        return {}
+    try:
+        return safetensors_metadata(path)
+    except CheckpointError:
+        return {}
+
+
+def tagged_experts(directory: Path) -> dict[Path, str]:
+    """DiT checkpoints of ``directory`` whose metadata names their Wan2.2 expert (x2v convert writes it)."""
+    tags = {p: checkpoint_metadata(p).get(EXPERT_METADATA_KEY) for p in dit_candidates(directory)}
+    return {p: tag for p, tag in tags.items() if tag in EXPERTS}
+
+
 def is_moe(model_path: Path, config: dict) -> bool:
     if config.get("model_cls") in MOE_MODEL_CLASSES:
         return True
@@ -94,6 +119,7 @@ def is_moe(model_path: Path, config: dict) -> bool:
         return True
     return model_path.is_dir() and (
         all((model_path / e).is_dir() for e in EXPERTS) or (model_path / "transformer_2").is_dir()
+        or set(tagged_experts(model_path).values()) == set(EXPERTS)
     )
 
 
@@ -114,8 +140,7 @@ def resolve_expert(model_path: Path, config: dict, expert: str) -> Found:
         if folder.is_dir():
             found = find_dit_file(folder, choose)
             return Found(found.path, how)
-    tagged = [p for p in dit_candidates(model_path) if p.suffix == ".safetensors"
-              and safetensors_metadata(p).get(EXPERT_METADATA_KEY) == expert]
+    tagged = [p for p, tag in tagged_experts(model_path).items() if tag == expert]
     if len(tagged) == 1:
         return Found(tagged[0], f"file metadata {EXPERT_METADATA_KEY}={expert}")
     raise CheckpointError(
@@ -189,4 +214,7 @@ def resolve_component(name: str, model_path: str | Path, config: dict | None = N
         model_path = model_path.parent  # a single DiT file: its companions lie beside it
     module, function = finder.rsplit(".", 1)
     find = getattr(importlib.import_module(f"x2v.loading.{module}"), function)
+    if flag and config.get(flag) and config.get(f"{name}_quant_scheme"):
+        # LightX2V's quantized file names carry the scheme's kind: models_t5_umt5-xxl-enc-fp8.pth
+        return Found(find(model_path, config[f"{name}_quant_scheme"].split("-")[0]), f"found in {model_path}")
     return Found(find(model_path), f"found in {model_path}")

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import torch
 
-from x2v.errors import CheckpointError, UnsupportedModelError
+from x2v.errors import CheckpointError
+from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 from x2v.formats.readers import read_checkpoint
 from x2v.formats.t5_keys import infer_config, to_official
 from x2v.formats.tokenizer import WanTokenizer
+from x2v.loading.quantized import prepare_quantized
 from x2v.loading.resolve import one_candidate
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.t5 import T5Encoder
@@ -34,10 +36,15 @@ def looks_like_t5_checkpoint(name: str) -> bool:
     return (name.startswith("models_t5_") and name.endswith(".pth")) or "umt5" in name.lower()
 
 
-def find_t5_checkpoint(directory: Path) -> Path:
-    """The umT5 checkpoint of a model directory: the official file name first, else the single candidate."""
+def find_t5_checkpoint(directory: Path, quant_kind: str | None = None) -> Path:
+    """The umT5 checkpoint of a model directory: the official file name first (LightX2V's quantized name when
+    ``quant_kind`` is "int8"/"fp8" and that file exists), else the single candidate."""
     files = files_near(directory)
-    official = [f for f in files if f.name == OFFICIAL_T5_NAME]
+    preferred = [OFFICIAL_T5_NAME.replace("bf16", quant_kind)] if quant_kind else []
+    for name in (*preferred, OFFICIAL_T5_NAME):
+        official = [f for f in files if f.name == name]
+        if official:
+            break
     candidates = official or [f for f in files if looks_like_t5_checkpoint(f.name)]
     candidates = candidates or [directory / f for f in DIFFUSERS_T5_FILES if (directory / f).is_file()][:1]
     return one_candidate(directory, candidates, "umT5 text encoder",
@@ -45,38 +52,38 @@ def find_t5_checkpoint(directory: Path) -> Path:
                          "folder down, and a diffusers text_encoder/ folder", "t5_original_ckpt")
 
 
-def reject_quantized(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Quantized weights cast as if they were plain floats would give garbage, so refuse them explicitly."""
-    quantized = [n for n, t in tensors.items() if t.dtype.itemsize == 1 or "scale" in n.rsplit(".", 1)[-1]]
-    if quantized:
-        raise UnsupportedModelError(
-            f"{source}: this umT5 checkpoint is quantized ({len(quantized)} int8/fp8 or scale tensors, e.g. "
-            f"{quantized[0]!r}); x2v loads only unquantized umT5 weights (bf16/fp16/fp32). Use "
-            f"{OFFICIAL_T5_NAME} or umt5_xxl_fp16.safetensors instead."
-        )
-
-
 def load_text_encoder(
-    path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    quantized: bool | None = None,
+    quant_scheme: str | None = None,
 ) -> T5Encoder:
     """umT5 encoder from a model directory or a checkpoint file (official or HF/ComfyUI names).
 
     ``dtype=None`` keeps the checkpoint's dtype (bf16 for the official file). Every weight, norms included,
     is stored in ``dtype``, as in the official bf16 runtime; norms still compute their variance in float32.
+    Quantized files (LightX2V ``models_t5_umt5-xxl-enc-{fp8,int8}.pth``, ComfyUI scaled fp8) keep their
+    attention and feed-forward linears 8-bit. ``quantized`` / ``quant_scheme`` (``t5_quantized`` /
+    ``t5_quant_scheme``) must agree with the file; with a float file they quantize it at load.
     """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(
             f"{path}: not found. Pass a Wan model directory or the umT5 checkpoint file (config key t5_original_ckpt)."
         )
-    file = find_t5_checkpoint(path) if path.is_dir() else path
+    file = find_t5_checkpoint(path, scheme_kind(quant_scheme) if quantized else None) if path.is_dir() else path
     source = str(file)
-    tensors = read_checkpoint(file)
-    reject_quantized(tensors, source)
-    tensors = to_official(tensors, source)
+    tensors = to_official(read_checkpoint(file), source)
+    encoding = detect_encoding(tensors, source)
+    check_scheme(encoding, quant_scheme, quantized, source, component="t5")
     config = infer_config(tensors, source)
     dtype = dtype or tensors["token_embedding.weight"].dtype
     model = build_on_meta(lambda: T5Encoder(config))
+    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)
+    tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="t5", dtype=dtype,
+                                device=device)
     return assign_weights(model, tensors, dtype=dtype, device=device, source=source, what="umT5 encoder")
 
 

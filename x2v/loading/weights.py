@@ -16,13 +16,18 @@ from x2v.errors import CheckpointError
 from x2v.formats.keys import summarize_keys
 from x2v.formats.readers import FileMappings, read_pages, release_pages
 
+QUANT_STORAGE = (torch.int8, torch.float8_e4m3fn)  # storage of quantized layers: never cast
+
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.device("meta"):
         return factory()
 
 
-def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: tuple[str, ...]) -> torch.dtype:
+def target_dtype(name: str, stored: torch.dtype, dtype: torch.dtype, keep_fp32: tuple[str, ...],
+                 declared: torch.dtype | None = None) -> torch.dtype:
+    if declared in QUANT_STORAGE or name.endswith(".weight_scale"):
+        return declared  # a quantized layer's int8/fp8 weight and float32 scale keep the dtypes it declares
     if not stored.is_floating_point:
         return stored
     if any(s in name for s in keep_fp32):
@@ -85,6 +90,10 @@ def weight_problems(expected: dict[str, torch.Tensor], tensors: dict[str, torch.
     ]
     if wrong:
         problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:5]) + (" ..." if len(wrong) > 5 else ""))
+    recast = [f"{k}: file {tensors[k].dtype}, {what} expects {v.dtype}" for k, v in expected.items()
+              if k in tensors and v.dtype in QUANT_STORAGE and tensors[k].dtype != v.dtype]
+    if recast:
+        problems.append(f"{len(recast)} quantized weight(s) of another kind: " + "; ".join(recast[:3]))
     return problems
 
 
@@ -108,7 +117,10 @@ def assign_weights(
     if problems:
         raise CheckpointError(f"{source}: does not fit the {what}:\n  " + "\n  ".join(problems))
 
-    sources = {name: (tensors[name], target_dtype(name, tensors[name].dtype, dtype, keep_fp32)) for name in expected}
+    sources = {
+        name: (tensors[name], target_dtype(name, tensors[name].dtype, dtype, keep_fp32, expected[name].dtype))
+        for name in expected
+    }
     model.load_state_dict(to_targets(sources, torch.device(device)), strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import attention
+from x2v.ops.quant_linear import input_dtype
 from x2v.ops.rope import apply_rope, rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
@@ -94,9 +95,9 @@ class AffineLayerNorm(nn.Module):
         return layer_norm(x, self.eps, self.weight, self.bias)
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` in its weight dtype (the official code does this with autocast)."""
-    return layer(x.to(layer.weight.dtype))
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layer`` in its compute dtype (the official code does this with autocast)."""
+    return layer(x.to(input_dtype(layer)))
 
 
 class SelfAttention(nn.Module):
@@ -109,7 +110,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         heads = (self.num_heads, -1)
-        x = x.to(self.q.weight.dtype)  # once for q, k and v
+        x = x.to(input_dtype(self.q))  # once for q, k and v
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)

@@ -255,7 +255,7 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
         "vae_name", "vae_type", "vae_dtype", "vae_weight_dtype", "vae_cpu_offload", "use_tiling_vae", "use_tae",
         "tae_path", "use_lightvae", "lightvae_encoder_vae_pth",
     ),
-    "lora": ("lora_configs", "lora_dynamic_apply"),
+    "lora": ("lora_configs", "lora_dynamic_apply", "lora_strict"),  # lora_strict: x2v's own
     "sampling": (
         "infer_steps", "target_video_length", "target_height", "target_width", "sample_guide_scale", "sample_shift",
         "enable_cfg", "fps", "text_len", "vae_stride", "patch_size", "num_channels_latents", "resize_mode",

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from x2v.errors import UnsupportedModelError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
 from x2v.loading.dit import load_dit
+from x2v.loading.lora import LoraEntry, LoraReport, apply_loras, detach_loras
 from x2v.loading.resolve import resolve_component, resolve_dit
 from x2v.models.t5 import trim_to_lengths
 from x2v.pipelines import conditioning as cond
@@ -113,10 +113,10 @@ class Pipeline:
         settings, warnings = resolve_settings(model_cls, task, config_file=user, overrides=config)
         for warning in warnings:
             log.warning(warning)
-        if settings.get("lora_configs"):
-            # Running without them would give a plausible but wrong video (e.g. a 4-step LoRA on base weights).
-            raise UnsupportedModelError("lora_configs: LoRAs are not supported by x2v yet; remove the key to run "
-                                        "the base model, or merge the LoRA into the weights with another tool.")
+        # After the settings are checked (entries, Wan2.2 "name"s): each expert takes the entries naming it.
+        for name, dit in dits.items():
+            apply_loras(dit, settings.get("lora_configs") or [], dynamic=bool(settings.get("lora_dynamic_apply")),
+                        strict=bool(settings.get("lora_strict")), expert=name if len(dits) == 2 else None)
 
         import x2v
 
@@ -126,13 +126,38 @@ class Pipeline:
         components = {
             "dits": dits,
             "tokenizer": x2v.load_tokenizer(locate("tokenizer"), text_len=main.config.text_len),
-            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=device),
+            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=device, quantized=raw.get("t5_quantized"),
+                                        quant_scheme=raw.get("t5_quant_scheme")),
             "vae": x2v.load_vae(locate("vae"), device=device),
         }
         if main.config.image_branch:
-            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype, device=device)
+            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype, device=device,
+                                                        quantized=raw.get("clip_quantized"),
+                                                        quant_scheme=raw.get("clip_quant_scheme"))
         return cls(model_cls=model_cls, task=task, settings=settings, components=components, device=device,
                    dtype=dtype, load_seconds=time.perf_counter() - start)
+
+    # --- LoRAs ------------------------------------------------------------------------------------------------
+
+    def load_lora(self, path: str | Path, strength: float = 1.0, alpha: float | None = None,
+                  name: str | None = None) -> LoraReport:
+        """Attach a LoRA at run time, on top of any already attached; ``unload_loras`` removes them without
+        reloading. A Wan2.2 two-expert model needs ``name``: the expert it is for (call once per expert)."""
+        entry = LoraEntry.from_config({"path": str(path), "strength": strength, "alpha": alpha, "name": name})
+        reports = []
+        for expert, dit in self.dits.items():
+            reports += apply_loras(dit, [entry], dynamic=True, strict=bool(self.settings.get("lora_strict")),
+                                   expert=expert if len(self.dits) == 2 else None)
+        return reports[0]
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA attached at run time (``load_lora``, or ``lora_configs`` with ``lora_dynamic_apply``):
+        the weights are the base model's again, bit for bit. LoRAs merged at load stay until the model is reloaded."""
+        for dit in self.dits.values():
+            detach_loras(dit)
+        if self.settings.get("lora_configs") and not self.settings.get("lora_dynamic_apply"):
+            log.warning("the lora_configs LoRAs were merged into the weights at load and stay; reload the pipeline "
+                        "without them, or set lora_dynamic_apply true to be able to remove them.")
 
     # --- generation -------------------------------------------------------------------------------------------
 

@@ -1,0 +1,432 @@
+"""LoRAs on a Wan DiT: read the files, report what they change, merge them into the weights or attach them at run time.
+
+``W' = W + strength · scale · up @ down`` with ``scale = alpha / rank`` (alpha from ``lora_configs``, else the file's
+``.alpha``, else scale 1); ``.diff`` / ``.diff_b`` / ``.diff_m`` tensors add ``strength · diff``.
+
+* Merged (the default): each changed tensor is computed in float32 on its own device and cast once, one tensor at
+  a time; the model is never copied, and the file pages of a replaced weight are handed back. A quantized layer is
+  dequantized, changed and re-quantized (stochastic rounding for fp8, pitfall B03).
+* Dynamic (``lora_dynamic_apply``): linear layers get a low-rank branch ``((x @ downᵀ) · scales) @ upᵀ`` added to
+  their output, the ranks of every attached LoRA stacked in one branch; other changes (diffs, conv pairs) replace
+  the tensor and keep the original, so ``detach_loras`` restores every original bit for bit.
+
+Every LoRA gets a ``LoraReport`` (matched tensors, skipped keys grouped by reason, the model it seems made for),
+always logged at WARNING, the level the command line shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from x2v.errors import CheckpointError
+from x2v.formats.dit_keys import variant_name
+from x2v.formats.lora_keys import (
+    ALPHA, LONE_ALPHA, UNRECOGNIZED, LoraTarget, alpha_value, check_supported, describe_skipped, group_by_target,
+    guess_variant, shape_problem, skip_reason,
+)
+from x2v.formats.quant import quantize_weight
+from x2v.formats.readers import FileMappings, read_checkpoint, release_pages
+from x2v.loading.resolve import EXPERTS
+from x2v.models.wan_dit import WanDiTConfig
+from x2v.ops.quant_linear import QuantLinear, input_dtype
+
+log = logging.getLogger(__name__)
+
+ATTACHED = "lora_attached"  # model attribute holding the state of LoRAs attached at run time
+FP8_SEED = 0  # stochastic rounding of merged fp8 weights: same files, same weights
+
+
+@dataclass
+class LoraEntry:
+    """One ``lora_configs`` entry: the file, its strength, an alpha overriding the file's, the Wan2.2 expert."""
+
+    path: str
+    strength: float = 1.0
+    alpha: float | None = None
+    name: str | None = None
+
+    @classmethod
+    def from_config(cls, entry: dict | str | os.PathLike | LoraEntry) -> LoraEntry:
+        if isinstance(entry, cls):
+            return entry
+        if isinstance(entry, (str, os.PathLike)):
+            return cls(str(entry))
+        if not isinstance(entry, dict) or not entry.get("path"):
+            raise ValueError(f"a lora_configs entry is a path or {{\"path\": ..., \"strength\": 1.0, \"alpha\": null, "
+                             f"\"name\": ...}}, got {entry!r}")
+        unknown = set(entry) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"lora_configs entry {entry['path']}: unknown keys {sorted(unknown)}; expected path, "
+                             "strength, alpha, name")
+        name, strength, alpha = entry.get("name"), entry.get("strength"), entry.get("alpha")
+        if name is not None and name not in EXPERTS:
+            raise ValueError(f"lora_configs entry {entry['path']}: name {name!r} is not a Wan2.2 expert; use "
+                             f"{' or '.join(EXPERTS)}, or leave it out for a single-DiT model")
+        return cls(str(entry["path"]), 1.0 if strength is None else float(strength),
+                   None if alpha is None else float(alpha), name)
+
+
+@dataclass
+class LoraReport:
+    """What one LoRA file changed in one model; ``summary()`` is the text x2v logs."""
+
+    path: str
+    model: str  # what it was applied to, e.g. "Wan2.1 T2V-14B"
+    strength: float
+    total: int  # tensors in the file
+    matched: int  # tensors applied
+    pairs: int  # up/down pairs applied
+    diffs: int  # diff tensors applied
+    made_for: str  # the base model the LoRA's shapes point to
+    alpha: float | None = None  # from lora_configs
+    name: str | None = None
+    ranks: list[int] = field(default_factory=list)
+    file_alphas: list[float] = field(default_factory=list)
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> file keys
+
+    def summary(self) -> str:
+        ranks = f"rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))}" if self.ranks \
+            else "no pairs"
+        if self.alpha is not None:
+            alpha = f"alpha {self.alpha:g} from lora_configs"
+        elif self.file_alphas:
+            alpha = f"alpha {', '.join(f'{a:g}' for a in self.file_alphas)} from the file"
+        else:
+            alpha = "no alpha: scale 1"
+        lines = [f"LoRA {self.path} (strength {self.strength:g}, {ranks}, {alpha}) on {self.model}: matched "
+                 f"{self.matched} of {self.total} tensors ({self.pairs} pairs, {self.diffs} diffs)"]
+        lines += [f"  {line}" for line in describe_skipped(self.skipped)]
+        lines.append(f"  seems made for: {self.made_for}")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One LoRA's change to one tensor: ``scale · up @ down`` (a pair) or ``scale · diff``."""
+
+    scale: float
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    diff: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def value(self, shape: torch.Size, device) -> torch.Tensor:
+        """The change in float32 on ``device`` (a fresh tensor)."""
+        if self.diff is not None:
+            return self.diff.to(device=device, dtype=torch.float32) * self.scale
+        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
+        product = up @ self.down.to(device=device, dtype=torch.float32).flatten(1)
+        return (product * self.scale).reshape(shape)
+
+
+class LoraDeltas:
+    """The prepared changes of one or more LoRAs, per official model key; each computed only when asked for."""
+
+    def __init__(self, shapes: dict[str, torch.Size]):
+        self._shapes = shapes
+        self._terms: dict[str, list[Term]] = {}
+
+    def add(self, terms: dict[str, list[Term]]) -> None:
+        for key, more in terms.items():
+            self._terms.setdefault(key, []).extend(more)
+
+    def keys(self) -> set[str]:
+        return set(self._terms)
+
+    def pairs(self, key: str) -> list[Term]:
+        return [t for t in self._terms.get(key, ()) if t.diff is None]
+
+    def delta(self, key: str, device=None, *, pairs: bool = True) -> torch.Tensor | None:
+        """float32 sum over every prepared LoRA of the change to ``key`` (strength and alpha/rank applied), in
+        the order the LoRAs were given; None if none changes it. ``pairs=False``: the diffs only."""
+        terms = [t for t in self._terms.get(key, ()) if pairs or t.diff is not None]
+        if not terms:
+            return None
+        total = terms[0].value(self._shapes[key], device)
+        for term in terms[1:]:
+            total += term.value(self._shapes[key], device)
+        return total
+
+
+def pair_scale(strength: float, alpha: float | None, rank: int) -> float:
+    """``strength · alpha / rank``; no alpha (or alpha 0, ComfyUI's "none") means ``strength · 1``."""
+    return strength * (alpha / rank) if alpha else strength
+
+
+def _read(entry: LoraEntry) -> dict[str, torch.Tensor]:
+    path = Path(entry.path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: LoRA file not found; check the path in lora_configs (or load_lora).")
+    return read_checkpoint(path)
+
+
+def _skip_unused(targets: dict[str, LoraTarget], shapes: dict, model: str, num_blocks: int,
+                 skipped: dict[str, list[str]]) -> dict[str, LoraTarget]:
+    """The targets present in the model; the file keys of the rest go to ``skipped`` under their reason."""
+    used = {}
+    for key, target in targets.items():
+        if key not in shapes:
+            skipped.setdefault(skip_reason(key, model, num_blocks), []).extend(target.keys.values())
+            continue
+        if target.up is None and target.alpha is not None:
+            skipped.setdefault(LONE_ALPHA, []).append(target.keys[ALPHA])
+        if target.up is not None or target.diff is not None:
+            used[key] = target
+    return used
+
+
+def _prepare_one(entry: LoraEntry, shapes: dict, *, strict: bool, model: str,
+                 num_blocks: int) -> tuple[LoraReport, dict[str, list[Term]]]:
+    source = entry.path
+    tensors = _read(entry)
+    check_supported(tensors, source)
+    targets, unrecognized = group_by_target(tensors, source)
+    made_for = guess_variant(targets)
+    skipped = {UNRECOGNIZED: unrecognized} if unrecognized else {}
+    used = _skip_unused(targets, shapes, model, num_blocks, skipped)
+    mismatches = [p for key, t in used.items() if (p := shape_problem(key, t, shapes[key]))]
+    if mismatches:
+        raise CheckpointError(
+            f"{source}: this LoRA does not fit the {model}: {len(mismatches)} shape mismatch(es): "
+            + "; ".join(mismatches[:4]) + (" ..." if len(mismatches) > 4 else "")
+            + f". It seems made for {made_for}; use it with that model. Nothing was applied."
+        )
+    terms: dict[str, list[Term]] = {}
+    ranks, file_alphas = set(), set()
+    for key, target in used.items():
+        if target.up is not None:
+            file_alpha = alpha_value(target.alpha, target.keys[ALPHA], source) if target.alpha is not None else None
+            ranks.add(target.rank)
+            file_alphas.update([file_alpha] if file_alpha else [])
+            scale = pair_scale(entry.strength, entry.alpha if entry.alpha is not None else file_alpha, target.rank)
+            terms.setdefault(key, []).append(Term(scale, up=target.up, down=target.down))
+        if target.diff is not None:
+            terms.setdefault(key, []).append(Term(entry.strength, diff=target.diff))
+    report = LoraReport(
+        path=source, model=model, strength=entry.strength, total=len(tensors),
+        matched=len(tensors) - sum(map(len, skipped.values())), pairs=sum(t.up is not None for t in used.values()),
+        diffs=sum(t.diff is not None for t in used.values()), made_for=made_for, alpha=entry.alpha, name=entry.name,
+        ranks=sorted(ranks), file_alphas=sorted(file_alphas), skipped=skipped,
+    )
+    if report.matched == 0:
+        raise CheckpointError(f"{report.summary()}\n{source}: no tensor of this LoRA applies to the {model}; it is "
+                              "made for another model, or in a key convention x2v does not know.")
+    if strict and skipped:
+        raise CheckpointError(f"{report.summary()}\n{source}: lora_strict is true and {report.total - report.matched} "
+                              "tensor(s) were not applied (above, with the reason). Set lora_strict false to apply "
+                              "the rest, or use a LoRA made for this model.")
+    log.warning(report.summary())
+    # Strength 0 changes nothing: no term, so not even a re-quantization touches the weights.
+    return report, {k: [t for t in ts if t.scale != 0] for k, ts in terms.items() if any(t.scale != 0 for t in ts)}
+
+
+def prepare_loras(entries: list[LoraEntry], target_shapes: dict[str, torch.Size], *, strict: bool = False,
+                  model_description: str = "") -> tuple[LoraDeltas, list[LoraReport]]:
+    """Read, map and shape-check every LoRA against a model's ``official key -> shape`` map; apply nothing.
+
+    Any problem (shape mismatch, unsupported adapter type, with ``strict`` any key left unapplied) is raised before
+    a single tensor changes. Each LoRA's report is logged.
+    """
+    model = model_description or "model"
+    num_blocks = len({m[1] for k in target_shapes if (m := re.match(r"blocks\.(\d+)\.", k))})
+    deltas = LoraDeltas(dict(target_shapes))
+    reports = []
+    for entry in map(LoraEntry.from_config, entries):
+        report, terms = _prepare_one(entry, target_shapes, strict=strict, model=model, num_blocks=num_blocks)
+        reports.append(report)
+        deltas.add(terms)
+    return deltas, reports
+
+
+# --- applying to a model -----------------------------------------------------------------------------------------
+
+
+def target_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    return {key: tensor.shape for key, tensor in model.state_dict(keep_vars=True).items()}
+
+
+def describe_model(model: nn.Module, expert: str | None = None) -> str:
+    """How reports name the model: ``Wan2.1 T2V-14B``, ``Wan2.2 T2V expert (high_noise_model)``."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, WanDiTConfig):
+        return type(model).__name__
+    return f"Wan2.2 {config.model_type.upper()} expert ({expert})" if expert else variant_name(config)
+
+
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
+    module_name, _, name = key.rpartition(".")
+    return model.get_submodule(module_name), name
+
+
+def _generator(generators: dict, device: torch.device) -> torch.Generator:
+    if device not in generators:
+        generators[device] = torch.Generator(device).manual_seed(FP8_SEED)
+    return generators[device]
+
+
+def _add_delta(module: nn.Module, name: str, delta: torch.Tensor, generators: dict) -> dict[str, torch.Tensor]:
+    """Replace ``module.<name>`` by itself + ``delta`` (float32 sum, cast once); returns the replaced tensors.
+
+    Never writes into the old tensor: it may be a view of the checkpoint file, and it is what a detach restores.
+    """
+    if isinstance(module, QuantLinear) and name == "weight":
+        replaced = {"weight": module.weight.data, "weight_scale": module.weight_scale}
+        weight = module.dequantized_weight(torch.float32).add_(delta)
+        generator = _generator(generators, weight.device) if module.kind == "fp8" else None
+        module.weight.data, module.weight_scale = quantize_weight(weight, module.kind, generator=generator)
+        return replaced
+    tensor = getattr(module, name)
+    original = tensor.data
+    tensor.data = delta.add_(original).to(original.dtype)
+    return {name: original}
+
+
+def merge_loras(model: nn.Module, entries: list, *, strict: bool = False,
+                description: str | None = None) -> list[LoraReport]:
+    """Merge LoRAs into ``model``'s weights in place, one tensor at a time on the tensor's own device."""
+    if getattr(model, ATTACHED, None) is not None:
+        raise ValueError("this model has LoRAs attached at run time; detach_loras(model) before merging others")
+    shapes = target_shapes(model)
+    deltas, reports = prepare_loras(entries, shapes, strict=strict, model_description=description or
+                                    describe_model(model))
+    changed, mappings, generators = deltas.keys(), FileMappings(), {}
+    for key in (k for k in shapes if k in changed):  # model order: deterministic fp8 rounding, sequential reads
+        module, name = _owner(model, key)
+        # Passed on, not kept: each delta is freed before the next one is computed.
+        replaced = _add_delta(module, name, deltas.delta(key, getattr(module, name).device), generators)
+        for original in replaced.values():
+            release_pages(mappings.pages(original))  # the file's copy of this tensor is no longer needed
+    return reports
+
+
+class LoraBranch(nn.Module):
+    """The low-rank update of one linear layer for every attached LoRA: ``((x @ downᵀ) · scales) @ upᵀ``.
+
+    The ranks of all LoRAs are stacked, so several LoRAs cost one pair of small matmuls. ``scales`` (strength ·
+    alpha / rank per rank row, float32) is a tensor, so changing a strength never recompiles a compiled model.
+    Buffers are not persistent: the model's state dict stays the base model's.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("down", down, persistent=False)
+        self.register_buffer("up", up, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(x.to(self.down.dtype), self.down)
+        return F.linear((hidden.float() * self.scales).to(self.up.dtype), self.up)
+
+
+def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output + module.lora_branch(args[0]).to(output.dtype)
+
+
+@dataclass
+class AttachedLoras:
+    """What ``attach_loras`` changed in a model, so ``detach_loras`` can undo it exactly."""
+
+    reports: list[LoraReport] = field(default_factory=list)
+    hooks: dict[nn.Module, RemovableHandle] = field(default_factory=dict)  # layers with a LoraBranch
+    originals: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)  # before the first LoRA
+
+
+def _extend_branch(module: nn.Module, pairs: list[Term], state: AttachedLoras) -> None:
+    device, dtype = module.weight.device, input_dtype(module)
+    parts = [(t.down.to(device, dtype), t.up.to(device, dtype),
+              torch.full((t.rank,), t.scale, dtype=torch.float32, device=device)) for t in pairs]
+    old = getattr(module, "lora_branch", None)
+    if old is None:
+        state.hooks[module] = module.register_forward_hook(_add_branch)
+    else:
+        parts.insert(0, (old.down, old.up, old.scales))
+    downs, ups, scales = zip(*parts)
+    module.lora_branch = LoraBranch(torch.cat(downs), torch.cat(ups, dim=1), torch.cat(scales))
+
+
+def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
+                 description: str | None = None) -> list[LoraReport]:
+    """Add LoRAs at run time, on top of any already attached; the base weights stay as they are.
+
+    Pairs on linear layers become a ``LoraBranch``; other changes (diffs, pairs on other layers) replace their
+    tensor with the original kept for ``detach_loras``.
+    """
+    shapes = target_shapes(model)
+    deltas, reports = prepare_loras(entries, shapes, strict=strict, model_description=description or
+                                    describe_model(model))
+    state = getattr(model, ATTACHED, None) or AttachedLoras()
+    changed, generators = deltas.keys(), {}
+    for key in (k for k in shapes if k in changed):
+        module, name = _owner(model, key)
+        pairs = deltas.pairs(key) if name == "weight" and isinstance(module, (nn.Linear, QuantLinear)) else []
+        if pairs:
+            _extend_branch(module, pairs, state)
+        rest = deltas.delta(key, getattr(module, name).device, pairs=not pairs)
+        if rest is not None:
+            for replaced, original in _add_delta(module, name, rest, generators).items():
+                state.originals.setdefault((module, replaced), original)
+    state.reports += reports
+    setattr(model, ATTACHED, state)
+    return reports
+
+
+def detach_loras(model: nn.Module) -> None:
+    """Remove every LoRA attached at run time: branches and hooks gone, replaced tensors restored bit for bit."""
+    state = getattr(model, ATTACHED, None)
+    if state is None:
+        return
+    for module, hook in state.hooks.items():
+        hook.remove()
+        del module.lora_branch
+    for (module, name), original in state.originals.items():
+        current = getattr(module, name)
+        restored = original.to(current.device)  # the model may have moved since
+        if isinstance(current, nn.Parameter):
+            current.data = restored
+        else:
+            setattr(module, name, restored)
+    delattr(model, ATTACHED)
+
+
+def attached_loras(model: nn.Module) -> list[LoraReport]:
+    state = getattr(model, ATTACHED, None)
+    return list(state.reports) if state else []
+
+
+def entries_for_expert(entries: list, expert: str | None) -> list[LoraEntry]:
+    """The entries that apply to one DiT: all of them for a single DiT (``expert`` None), those naming the expert
+    for a Wan2.2 expert. An entry without a name on an expert is an error: never one expert silently (C07)."""
+    entries = [LoraEntry.from_config(e) for e in entries]
+    if expert is None:
+        if len({e.name for e in entries if e.name}) > 1:
+            raise ValueError("lora_configs name both Wan2.2 experts, but one DiT is loaded; load the model root "
+                             "(both experts), or pass expert= to load_dit")
+        return entries
+    unnamed = [e.path for e in entries if e.name is None]
+    if unnamed:
+        raise ValueError(f"{unnamed[0]}: a Wan2.2 two-expert model needs \"name\": \"high_noise_model\" or "
+                         "\"low_noise_model\" in each lora_configs entry (which expert the LoRA is for; add one "
+                         "entry per expert to apply it to both)")
+    return [e for e in entries if e.name == expert]
+
+
+def apply_loras(model: nn.Module, entries: list, *, dynamic: bool = False, strict: bool = False,
+                expert: str | None = None) -> list[LoraReport]:
+    """The LoRAs of ``entries`` meant for this DiT (see ``entries_for_expert``), merged or attached at run time."""
+    mine = entries_for_expert(entries, expert)
+    if not mine:
+        return []
+    apply = attach_loras if dynamic else merge_loras
+    return apply(model, mine, strict=strict, description=describe_model(model, expert))

@@ -1,0 +1,54 @@
+"""Turn a meta-built model's linear layers into quantized ones, from a quantized file or by quantizing at load."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from x2v.formats.quant import QUANT_DTYPES, Encoding, dequantize, quantize_layers, quantized_in_releases
+from x2v.ops.quant_linear import replace_linears
+
+
+def quantized_linears(
+    model: nn.Module, tensors: dict[str, torch.Tensor], encoding: Encoding, quantize_kind: str | None,
+    component: str, keep_fp32: tuple[str, ...] = (),
+) -> tuple[list[str], str | None]:
+    """``(layers, kind)``: the linear layers of ``model`` that run 8-bit, in file order, and their weight kind.
+
+    From a quantized file: its quantized linears (a quantized convolution, a layer the model keeps in float32 or
+    an fp8 e5m2 weight is dequantized instead). From a float file with ``quantize_kind``: the layers LightX2V's
+    releases quantize.
+    """
+    linears = {name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and not any(s in name for s in keep_fp32)}
+    if encoding.quantized:
+        storage = QUANT_DTYPES[encoding.weight_kind]
+        return [layer for layer in encoding.layers
+                if layer in linears and tensors[f"{layer}.weight"].dtype == storage], encoding.weight_kind
+    if quantize_kind:
+        return [key.removesuffix(".weight") for key in tensors  # file order: sequential reads
+                if key.removesuffix(".weight") in linears and quantized_in_releases(key, component)], quantize_kind
+    return [], None
+
+
+def prepare_quantized(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    encoding: Encoding,
+    *,
+    quantize_kind: str | None,
+    component: str,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    keep_fp32: tuple[str, ...] = (),
+) -> dict[str, torch.Tensor]:
+    """The tensors to assign to ``model`` (built on meta), whose linears are swapped for ``QuantLinear`` where
+    they run 8-bit (``quantized_linears``). Quantized tensors that do not run 8-bit are dequantized."""
+    layers, kind = quantized_linears(model, tensors, encoding, quantize_kind, component, keep_fp32)
+    if encoding.quantized:
+        tensors = dequantize(tensors, encoding, dtype, device=device, keep_fp32=keep_fp32,
+                             keep_quantized=frozenset(layers))
+    elif layers:
+        tensors = quantize_layers(tensors, layers, kind, device=device)
+    replace_linears(model, layers, kind, dtype)
+    return tensors

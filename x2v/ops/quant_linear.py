@@ -1,0 +1,172 @@
+"""Linear layers whose weights stay int8 / fp8 in memory (per-output-channel scales, float32).
+
+Two ways to run one, chosen per call from the input's device:
+
+* ``w8a8``: activations quantized per token (symmetric, dynamic) and multiplied in 8 bits —
+  fp8 through ``torch._scaled_mm`` (compute capability 8.9+), int8 through ``torch._int_mm`` (8.0+) —
+  with both scales applied in float32: ``out = (x_q * s_x) @ (W_q * s_w)^T + b``.
+* ``weight-only``: the layer's weight is dequantized to the compute dtype for this call only (CPU, older
+  GPUs, shapes the 8-bit kernels refuse). Slower, same memory.
+
+Every LightX2V per-channel scheme (``fp8-vllm``, ``int8-sgl``, ``fp8-q8f``, ``int8-torchao``, ``*-triton`` ...) is
+this computation with another library's kernel, so all of them run here without those libraries.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
+
+log = logging.getLogger(__name__)
+
+AUTO, W8A8, WEIGHT_ONLY = "auto", "w8a8", "weight-only"
+MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0)}
+INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
+
+
+def fused_on_gpu(fn):
+    """``fn`` compiled into one fused kernel when its first argument is on a GPU (eager it makes several passes
+    over the activations, which costs as much as the 8-bit matmul saves); eager elsewhere, or if compiling fails."""
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args):
+        nonlocal compiled
+        if x.is_cuda and compiled is not False:
+            try:
+                compiled = compiled or torch.compile(fn, dynamic=True)
+                return compiled(x, *args)
+            except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
+                compiled = False
+                log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, str(e).splitlines()[0])
+        return fn(x, *args)
+
+    return run
+
+
+@fused_on_gpu
+def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization of a 2-D activation: ``(x_q, scale [rows, 1] float32)``."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / QMAX[kind]
+    values = (x.float() / scale).clamp(-QMAX[kind], QMAX[kind])
+    return (values.round() if kind == "int8" else values).to(QUANT_DTYPES[kind]), scale
+
+
+@fused_on_gpu
+def scale_int8_product(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """int32 accumulators -> ``out_dtype``, both scales applied in float32."""
+    return (acc.float() * x_scale * weight_scale.view(1, -1)).to(out_dtype)
+
+
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype) -> torch.Tensor:
+    x_q, x_scale = quantize_activations(x, "fp8")
+    return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                            out_dtype=out_dtype, use_fast_accum=x.is_cuda)
+
+
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype) -> torch.Tensor:
+    rows = x.shape[0]
+    if rows < INT_MM_MIN_ROWS:
+        x = F.pad(x, (0, 0, 0, INT_MM_MIN_ROWS - rows))
+    x_q, x_scale = quantize_activations(x, "int8")
+    return scale_int8_product(torch._int_mm(x_q, weight.t()), x_scale, weight_scale, out_dtype)[:rows]
+
+
+MATMULS = {"fp8": fp8_matmul, "int8": int8_matmul}
+
+
+def kernel_shape_ok(kind: str, in_features: int, out_features: int) -> bool:
+    """fp8 GEMMs want both dimensions multiples of 16, int8 multiples of 8."""
+    multiple = 16 if kind == "fp8" else 8
+    return in_features % multiple == 0 and out_features % multiple == 0
+
+
+@functools.cache
+def w8a8_available(kind: str, device: torch.device) -> bool:
+    """Whether the 8-bit kernel runs on this device; probed once, the slower fallback announced once."""
+    reason = None
+    if device.type != "cuda":
+        reason = f"no 8-bit {kind} kernel is used on {device.type}"
+    elif torch.cuda.get_device_capability(device) < MIN_CAPABILITY[kind]:
+        major, minor = MIN_CAPABILITY[kind]
+        reason = f"{kind} matmuls need compute capability {major}.{minor}+"
+    else:
+        try:
+            probe = torch.zeros(32, 32, device=device)
+            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device), torch.bfloat16)
+        except RuntimeError as e:  # an older torch/cuBLAS without this kernel
+            reason = f"the {kind} kernel failed on this device ({str(e).splitlines()[0]})"
+    if reason:
+        log.warning("%s weights run weight-only on %s (each layer dequantized when used; memory stays %s): %s.",
+                    kind, device, kind, reason)
+    return reason is None
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` with an int8/fp8 ``weight`` [out, in] and a float32 ``weight_scale`` [out, 1].
+
+    ``compute_dtype`` is what the float layer would run in: inputs are cast to it and outputs come back in it.
+    ``mode`` is ``auto`` (8-bit kernel where available), ``w8a8`` (always; for tests) or ``weight-only``.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, kind: str, compute_dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.kind, self.compute_dtype, self.mode = kind, compute_dtype, AUTO
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=QUANT_DTYPES[kind]),
+                                   requires_grad=False)
+        self.register_buffer("weight_scale", torch.empty(out_features, 1, dtype=torch.float32))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype)) if bias else None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.kind}, compute {self.compute_dtype}, mode {self.mode}"
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.weight_scale, dtype or self.compute_dtype, self.weight.device)
+
+    def uses_w8a8(self, device: torch.device) -> bool:
+        if self.mode == WEIGHT_ONLY or not kernel_shape_ok(self.kind, self.in_features, self.out_features):
+            return False
+        return self.mode == W8A8 or w8a8_available(self.kind, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.compute_dtype)
+        if not self.uses_w8a8(x.device):
+            return F.linear(x, self.dequantized_weight(), self.bias)
+        out = MATMULS[self.kind](x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.compute_dtype)
+        out = out.view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias
+
+
+def input_dtype(layer: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in (a quantized layer's weight dtype is its storage, not its compute)."""
+    return layer.compute_dtype if isinstance(layer, QuantLinear) else layer.weight.dtype
+
+
+def replace_linears(model: nn.Module, names: list[str], kind: str, compute_dtype: torch.dtype) -> None:
+    """Swap the ``nn.Linear`` modules at ``names`` (``blocks.0.ffn.0``...) for empty QuantLinears (meta model)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        if not isinstance(old, nn.Linear):
+            raise TypeError(f"{name} is a {type(old).__name__}, not a linear layer")
+        with torch.device("meta"):
+            new = QuantLinear(old.in_features, old.out_features, old.bias is not None, kind, compute_dtype)
+        setattr(parent, child, new)
+
+
+def set_quant_mode(model: nn.Module, mode: str) -> None:
+    """``auto`` / ``w8a8`` / ``weight-only`` for every quantized layer of ``model``."""
+    if mode not in (AUTO, W8A8, WEIGHT_ONLY):
+        raise ValueError(f"quant mode {mode!r}: expected {AUTO}, {W8A8} or {WEIGHT_ONLY}")
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.mode = mode
