@@ -28,6 +28,7 @@ from x2v.formats.quant import FLOAT  # noqa: E402
 from x2v.loading.quantized import prepare_quantized  # noqa: E402
 from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
+from x2v.pipelines.wan import compile_blocks  # noqa: E402
 
 SIZES = {
     "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
@@ -85,6 +86,15 @@ def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int = 512) -> flo
     return cfg.num_layers * per_block
 
 
+def latent_input(args: argparse.Namespace, device: str) -> tuple[tuple[int, ...], int]:
+    """The Wan2.1 latent shape and token count of ``--frames/--height/--width``, printed with the device."""
+    latent = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
+    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
+    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
+    print(f"input: {args.height}x{args.width}, {args.frames} frames -> latent {latent[1:]}, {tokens} tokens")
+    return latent, tokens
+
+
 def timed_alternating(fns, warmup: int, iters: int, device: str) -> list[float]:
     """Mean seconds of each function, run in turns (a, b, a, b, ...) so clock and thermal drift hit both alike."""
     def sync():
@@ -119,19 +129,27 @@ def profile(name: str, fn, rows: int) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model sizes, video shape and device (shared with benchmarks/offload.py)."""
     parser.add_argument("--sizes", nargs="+", default=["1.3B", "14B"], choices=list(SIZES))
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_input_arguments(parser)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--quant", nargs="*", choices=["fp8", "int8"],
                         default=["fp8", "int8"] if torch.cuda.is_available() else [],
                         help="also time x2v with these 8-bit linear layers (default on a GPU: fp8 int8)")
+    parser.add_argument("--attention", default="torch_sdpa",
+                        help="x2v's attention type (LightX2V's self_attn_1_type values, e.g. flash_attn3, sage_attn2)")
+    parser.add_argument("--compile", action="store_true", help="x2v with use_compile (compiled blocks)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
                         help="print the top operators of one forward of each (default 18 rows)")
@@ -139,17 +157,18 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
 
-    latent = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
-    print(f"input: {args.height}x{args.width}, {args.frames} frames -> latent {latent[1:]}, {tokens} tokens, {args.dtype}")
+    latent, tokens = latent_input(args, device)
     results = []
     for size in args.sizes:
         cfg = SIZES[size]
         reference = diffusers_model(cfg, dtype, device)
         models = {"diffusers": lambda x, t, c: reference(x, t, c, return_dict=False)[0]}
         for quant in [None, *args.quant]:
-            models[f"x2v {quant or args.dtype}"] = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
+            model = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
+            model.set_attention(args.attention, args.attention, args.attention)
+            if args.compile:
+                compile_blocks(model)
+            models[f"x2v {quant or args.dtype}"] = model
         g = torch.Generator(device).manual_seed(1)
         x = torch.randn(latent, generator=g, device=device, dtype=dtype)
         context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)

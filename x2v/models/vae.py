@@ -5,7 +5,9 @@ Parameter names follow the official ``wan/modules/vae.py`` state dict.
 Videos are processed causally in chunks of frames: frame 0 alone, then 4 frames per chunk (encode), or one
 latent frame per chunk (decode). Modules that look back in time (``Stateful``) keep the context they need from
 the previous chunk; ``CausalVAE.encode``/``decode`` reset that state at the start and drop it at the end, so
-memory does not grow with the video length.
+memory does not grow with the video length. With ``tiled=True`` they also split the frame into overlapping
+spatial tiles, stream each tile through all frames on its own and blend the overlaps with linear ramps, so
+memory follows the tile instead of the frame size.
 """
 
 from __future__ import annotations
@@ -184,6 +186,63 @@ def output_head(dim: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(RMSNorm(dim, 3), nn.SiLU(), CausalConv3d(dim, out_channels, 3, padding=1))
 
 
+# Default tile and overlap in pixels, the values of LightX2V's `use_tiling` and diffusers' `enable_tiling()`
+# (256 px tiles, 64 px overlap): 32 / 8 latents for Wan2.1, 16 / 4 for Wan2.2.
+TILE_PIXELS, OVERLAP_PIXELS = 256, 64
+
+
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Cover ``range(size)`` with the fewest windows of at most ``tile`` that overlap their neighbours by
+    ``overlap``; the windows get about the same length, so no thin last tile decodes with little context."""
+    if tile < 1 or not 0 <= overlap < tile:
+        raise ValueError(f"tiling needs tile >= 1 and 0 <= overlap < tile; got tile {tile}, overlap {overlap}")
+    if size <= tile:
+        return [(0, size)]
+    count = math.ceil((size - overlap) / (tile - overlap))
+    cuts = [i * (size - overlap) // count for i in range(count + 1)]
+    return [(cuts[i], cuts[i + 1] + overlap) for i in range(count)]
+
+
+def blend_weights(spans: list[tuple[int, int]], scale: int) -> list[torch.Tensor]:
+    """One weight vector per span, in output units (``scale`` outputs per input unit): a linear ramp across each
+    overlap with a neighbour, normalized so that all tiles' weights sum to 1 at every position."""
+    ramps = []
+    for i, (start, end) in enumerate(spans):
+        weight = torch.ones((end - start) * scale)
+        if i > 0:
+            n = (spans[i - 1][1] - start) * scale
+            weight[:n] *= (torch.arange(n) + 0.5) / n
+        if i < len(spans) - 1:
+            n = (end - spans[i + 1][0]) * scale
+            weight[weight.numel() - n:] *= (n - 0.5 - torch.arange(n)) / n
+        ramps.append(weight)
+    # The ramps of two neighbours already sum to 1; dividing also covers the rare spot three tiles share.
+    total = torch.zeros(spans[-1][1] * scale)
+    for (start, _), weight in zip(spans, ramps):
+        total[start * scale:start * scale + weight.numel()] += weight
+    return [weight / total[start * scale:start * scale + weight.numel()] for (start, _), weight in zip(spans, ramps)]
+
+
+@dataclass(frozen=True)
+class Tile:
+    rows: slice  # latent rows / columns of the tile
+    cols: slice
+    weight: torch.Tensor  # [h * scale, w * scale] blend weight of its output
+
+    def scaled(self, scale: int) -> tuple[slice, slice]:
+        """The tile's rows and columns in pixels."""
+        return (slice(self.rows.start * scale, self.rows.stop * scale),
+                slice(self.cols.start * scale, self.cols.stop * scale))
+
+
+def tile_grid(height: int, width: int, tile: int, overlap: int, scale: int) -> list[Tile]:
+    """Overlapping tiles over a ``height x width`` latent, with output weights at ``scale`` outputs per latent."""
+    row_spans, col_spans = tile_spans(height, tile, overlap), tile_spans(width, tile, overlap)
+    row_weights, col_weights = blend_weights(row_spans, scale), blend_weights(col_spans, scale)
+    return [Tile(slice(*r), slice(*c), rw[:, None] * cw[None, :])
+            for r, rw in zip(row_spans, row_weights) for c, cw in zip(col_spans, col_weights)]
+
+
 @contextmanager
 def streaming(module: nn.Module) -> Iterator[None]:
     """Start every stateful submodule from an empty past, and free the carried frames afterwards."""
@@ -224,25 +283,53 @@ class CausalVAE(nn.Module):
         device = self.conv2.weight.device
         return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1, 1) for v in (mean, std))
 
+    def tiles(self, height: int, width: int, tile: int | None, overlap: int | None, scale: int) -> list[Tile]:
+        """Tiles over a latent grid (sizes in latents; ``None``: 256 px tiles, 64 px overlap)."""
+        spatial = self.stride[1]
+        tile = TILE_PIXELS // spatial if tile is None else tile
+        overlap = OVERLAP_PIXELS // spatial if overlap is None else overlap
+        return tile_grid(height, width, tile, overlap, scale)
+
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, T, H, W]`` in [-1, 1], T = 1 + 4k -> normalized latents ``[B, z, 1 + k, H/s, W/s]``."""
+    def encode(self, video: torch.Tensor, *, tiled: bool = False, tile: int | None = None,
+               overlap: int | None = None) -> torch.Tensor:
+        """``[B, 3, T, H, W]`` in [-1, 1], T = 1 + 4k -> normalized latents ``[B, z, 1 + k, H/s, W/s]``.
+
+        ``tiled``: encode overlapping tiles of ``tile`` latents (``overlap`` shared), see ``decode``.
+        """
         weight = self.conv2.weight
         self.check_video(video)
-        x = self.to_encoder_input(video.to(device=weight.device, dtype=weight.dtype))
+        video = video.to(device=weight.device, dtype=weight.dtype)
+        if tiled:
+            _, _, t, h, w = video.shape
+            st, sh, sw = self.stride
+            mu = video.new_zeros(video.shape[0], self.z_dim, 1 + (t - 1) // st, h // sh, w // sw)
+            for part in self.tiles(h // sh, w // sw, tile, overlap, scale=1):
+                rows, cols = part.scaled(sh)
+                mu[..., part.rows, part.cols] += self.encode_mean(video[..., rows, cols]) * part.weight.to(mu)
+        else:
+            mu = self.encode_mean(video)
+        mean, std = self.latent_mean_std()
+        return ((mu.float() - mean) / std).to(weight.dtype)
+
+    def encode_mean(self, video: torch.Tensor) -> torch.Tensor:
+        """The encoder's mean (unnormalized latent), streaming over chunks of 1, 4, 4, ... frames."""
+        x = self.to_encoder_input(video)
         step = self.stride[0]
         chunks = [x[:, :, :1]] + [x[:, :, i:i + step] for i in range(1, x.shape[2], step)]
         with streaming(self.encoder):
             features = torch.cat([self.encoder(chunk) for chunk in chunks], dim=2)
-        mu = self.conv1(features)[:, :self.z_dim]  # log_var is unused: the latent is the mean
-        mean, std = self.latent_mean_std()
-        return ((mu.float() - mean) / std).to(weight.dtype)
+        return self.conv1(features)[:, :self.z_dim]  # log_var is unused: the latent is the mean
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, tiled: bool = False, tile: int | None = None,
+               overlap: int | None = None) -> torch.Tensor:
         """Normalized latents ``[B, z, T, h, w]`` -> video ``[B, 3, 1 + 4(T-1), h*s, w*s]`` clamped to [-1, 1].
 
-        Decodes one latent frame at a time; the output is written into a preallocated tensor.
+        Decodes one latent frame at a time; the output is written into a preallocated tensor. ``tiled``: decode
+        overlapping spatial tiles of at most ``tile`` x ``tile`` latents, each sharing ``overlap`` latents with its
+        neighbours (default 256 px tiles, 64 px overlap: Wan2.1 32 / 8, Wan2.2 16 / 4), one tile at a time through
+        all frames, and blend them with linear ramps. Approximate: the decoder sees only the tile.
         """
         weight = self.conv2.weight
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:
@@ -252,14 +339,27 @@ class CausalVAE(nn.Module):
         x = self.conv2(z)
         b, _, t, h, w = x.shape
         st, sh, sw = self.stride
-        video = x.new_empty(b, 3, 1 + st * (t - 1), h * sh, w * sw)
-        with streaming(self.decoder):
-            start = 0
-            for i in range(t):
-                frames = self.from_decoder_output(self.decoder(x[:, :, i:i + 1]))
-                video[:, :, start:start + frames.shape[2]] = frames.clamp(-1.0, 1.0)
-                start += frames.shape[2]
+        if not tiled:
+            video = x.new_empty(b, 3, 1 + st * (t - 1), h * sh, w * sw)
+            self.decode_into(video, x)
+            return video
+        video = x.new_zeros(b, 3, 1 + st * (t - 1), h * sh, w * sw)
+        for part in self.tiles(h, w, tile, overlap, scale=sh):
+            self.decode_into(video[(..., *part.scaled(sh))], x[..., part.rows, part.cols], part.weight.to(video))
         return video
+
+    def decode_into(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Decode ``x`` (after ``conv2``) one latent frame at a time into ``out``, or add it times ``weight``."""
+        with streaming(self.decoder):  # a fresh past for every tile
+            start = 0
+            for i in range(x.shape[2]):
+                frames = self.from_decoder_output(self.decoder(x[:, :, i:i + 1])).clamp(-1.0, 1.0)
+                target = out[:, :, start:start + frames.shape[2]]
+                if weight is None:
+                    target.copy_(frames)
+                else:
+                    target.add_(frames * weight)
+                start += frames.shape[2]
 
     def check_video(self, video: torch.Tensor) -> None:
         st, sh, sw = self.stride

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x2v.ops.attention import attention
+from x2v.ops.attention import TORCH_SDPA, attention, kernel
 from x2v.ops.quant_linear import input_dtype
 from x2v.ops.rope import apply_rope, rope_rotations
 
@@ -104,6 +104,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = TORCH_SDPA  # attention kernel (LightX2V's self_attn_1_type)
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
@@ -114,7 +115,7 @@ class SelfAttention(nn.Module):
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
         v = self.v(x).unflatten(-1, heads)
-        out = attention(q.to(v.dtype), k.to(v.dtype), v)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, self.backend)
         return linear(self.o, out.flatten(2))
 
 
@@ -125,6 +126,7 @@ class CrossAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, eps: float, image_branch: bool):
         super().__init__()
         self.num_heads = num_heads
+        self.backend = self.image_backend = TORCH_SDPA  # LightX2V's cross_attn_1_type / cross_attn_2_type
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
@@ -138,11 +140,11 @@ class CrossAttention(nn.Module):
         v = linear(self.v, text).unflatten(-1, heads)
         q = self.norm_q(linear(self.q, x)).unflatten(-1, heads).to(v.dtype)
         k = self.norm_k(linear(self.k, text)).unflatten(-1, heads).to(v.dtype)
-        out = attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         if image is not None:
             v_img = linear(self.v_img, image).unflatten(-1, heads)
             k_img = self.norm_k_img(linear(self.k_img, image)).unflatten(-1, heads).to(v.dtype)
-            out = out + attention(q, k_img, v_img)
+            out = out + attention(q, k_img, v_img, self.image_backend)
         return linear(self.o, out.flatten(2))
 
 
@@ -253,6 +255,18 @@ class WanDiT(nn.Module):
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    def set_attention(self, self_attn: str = TORCH_SDPA, cross_attn: str = TORCH_SDPA,
+                      image_attn: str = TORCH_SDPA) -> None:
+        """Attention kernels by LightX2V type (``self_attn_1_type``, ``cross_attn_1_type``, ``cross_attn_2_type``
+        for the CLIP-image attention); an unavailable one falls back to torch SDPA with a notice."""
+        for name in (self_attn, cross_attn, image_attn):
+            kernel(name)  # unknown names fail now, missing packages are announced now
+        for module in self.modules():
+            if isinstance(module, SelfAttention):
+                module.backend = self_attn
+            elif isinstance(module, CrossAttention):
+                module.backend, module.image_backend = cross_attn, image_attn
 
     def embed_text(self, context: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
         """Zero-pad the umT5 states to exactly ``text_len`` rows (unmasked, as the official model)."""

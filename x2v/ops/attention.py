@@ -1,15 +1,71 @@
-"""Attention entry point shared by every network."""
+"""Attention entry point shared by every network, and the optional kernels LightX2V's attention keys name.
+
+``torch_sdpa`` is always there (PyTorch picks its fastest kernel for the card: cuDNN or flash on H100/H200).
+``flash_attn2`` / ``flash_attn3`` / ``sage_attn2`` ... call their packages when installed; otherwise, and for
+inputs a kernel cannot take (CPU, float32), the call runs torch SDPA, announced once.
+"""
 
 from __future__ import annotations
+
+import functools
+import importlib
+import logging
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+TORCH_SDPA = "torch_sdpa"
+
+# LightX2V attention type -> (module, function, keyword arguments); every kernel takes [B, L, heads, d].
+KERNELS = {
+    "flash_attn2": ("flash_attn", "flash_attn_func", {}),
+    "flash_attn3": ("flash_attn_interface", "flash_attn_func", {}),
+    "sage_attn2": ("sageattention", "sageattn", {"tensor_layout": "NHD"}),
+    "sage_attn2_k_int8_v_fp8": ("sageattention", "sageattn_qk_int8_pv_fp8_cuda", {"tensor_layout": "NHD"}),
+}
+# Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
+NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2_attn", "nbhd_attn",
+                   "nbhd_attn_flashinfer", "sparge_attn", "spas_sage_attn2", "spas_sage_attn3", "spas_flash_attn4",
+                   "draft_attn", "dynamic_sparse_attn", "general_sparse_attn", "rainfusion_attn", "sol_attn",
+                   "flex_attn", "ring", "ulysses")
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # what the optional kernels compute in
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def kernel(name: str):
+    """The function for attention type ``name``, or None (torch SDPA runs): said once per name."""
+    if name == TORCH_SDPA:
+        return None
+    if name in NOT_IMPLEMENTED:
+        log.warning("attention type %s is not implemented in x2v; torch SDPA runs instead (same result).", name)
+        return None
+    if name not in KERNELS:
+        raise ValueError(f"unknown attention type {name!r}; expected {TORCH_SDPA}, {', '.join(KERNELS)} "
+                         f"(or one of LightX2V's other types, which run torch SDPA)")
+    module, function, kwargs = KERNELS[name]
+    try:
+        return functools.partial(getattr(importlib.import_module(module), function), **kwargs)
+    except (ImportError, AttributeError) as e:
+        log.warning("attention type %s needs the %s package (%s); torch SDPA runs instead.", name, module,
+                    str(e).splitlines()[0])
+        return None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = TORCH_SDPA) -> torch.Tensor:
     """Global, unmasked softmax attention with scale 1/sqrt(head_dim).
 
     ``q`` is ``[B, Lq, heads, d]``, ``k``/``v`` are ``[B, Lk, heads, d]``; returns ``[B, Lq, heads, d]``.
+    ``backend`` is a LightX2V attention type (``self_attn_1_type`` ...); see ``kernel``.
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
+    fn = None if backend == TORCH_SDPA else kernel(backend)
+    if fn is None or not q.is_cuda or q.dtype not in HALF_DTYPES:
+        return sdpa(q, k, v)
+    out = fn(q, k, v)
+    return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)

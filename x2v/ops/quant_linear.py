@@ -38,6 +38,8 @@ def fused_on_gpu(fn):
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
         nonlocal compiled
+        if torch.compiler.is_compiling():
+            return fn(x, *args)  # inside a compiled model: it fuses this code with the rest
         if x.is_cuda and compiled is not False:
             try:
                 compiled = compiled or torch.compile(fn, dynamic=True)

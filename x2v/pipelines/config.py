@@ -341,6 +341,11 @@ _ONE_GPU = "x2v runs on one GPU; sequence / CFG / tensor parallelism is not impl
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **{k: (lambda v: True, "the Wan models do not read it (LightX2V's Wan code ignores it too)")
        for k in ("offload_ratio", "max_memory", "offload_to_disk", "warm_up_cpu_buffers")},
+    "unload_modules": (_truthy, "models stay loaded between requests (cpu_offload + lazy_load keep the DiT's "
+                                "blocks in the file instead)"),
+    "t5_lazy_load": (_truthy, "umT5 is not streamed from disk; t5_cpu_offload streams its blocks from host memory"),
+    "clean_cuda_cache": (_truthy, "torch.cuda.empty_cache is not called between steps; offloaded blocks reuse "
+                                  "their device buffers"),
     "parallel": (_parallel_requested, _ONE_GPU),
     "seq_parallel": (_truthy, _ONE_GPU),
     "cfg_parallel": (_truthy, _ONE_GPU),

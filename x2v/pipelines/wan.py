@@ -23,14 +23,17 @@ from x2v.loading.dit import load_dit
 from x2v.loading.lora import LoraEntry, LoraReport, apply_loras, detach_loras
 from x2v.loading.resolve import resolve_component, resolve_dit
 from x2v.models.t5 import trim_to_lengths
+from x2v.ops.attention import TORCH_SDPA
 from x2v.pipelines import conditioning as cond
 from x2v.pipelines.config import check_frames, guide_scales, resolve_settings
+from x2v.pipelines.offload import DiTOffload, OffloadConfig, offload_encoders
 from x2v.pipelines.schedulers import make_scheduler
 from x2v.pipelines.video import load_image, load_mask, load_video, to_uint8_frames, write_mp4
 
 log = logging.getLogger(__name__)
 
 HIGH, LOW = "high_noise_model", "low_noise_model"
+ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")  # LightX2V's, in set_attention order
 
 
 @dataclass
@@ -48,6 +51,18 @@ class GenerationResult:
         saved = f" -> {self.path}" if self.path else ""
         return (f"{self.frames.shape[0]} frames {self.frames.shape[2]}x{self.frames.shape[1]} at {self.fps} fps, "
                 f"seed {self.seed}{saved}\ntime: {phases}\npeak memory: {self.peak_memory_bytes / 2**30:.2f} GiB")
+
+
+def compile_blocks(dit: torch.nn.Module) -> None:
+    """``use_compile``: each transformer block's forward compiled (once per input shape; all blocks share the
+    code). LoRA strengths are tensors, so changing one does not recompile."""
+    import torch._dynamo
+
+    # Dynamic LoRA branches are forward hooks: by default dynamo does not guard on hooks, so a block without a
+    # branch could run the graph of one with it (wrong output, no error). Guard on them.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    for block in [*dit.blocks, *getattr(dit, "vace_blocks", [])]:
+        block.compile()
 
 
 def model_class_of(dits: dict, settings: dict) -> str:
@@ -89,6 +104,7 @@ class Pipeline:
         self.tokenizer, self.text_encoder = components["tokenizer"], components["t5"]
         self.dits, self.vae, self.clip = components["dits"], components["vae"], components.get("clip")
         self.device, self.dtype, self.load_seconds = device, dtype, load_seconds
+        self.offload = DiTOffload(self.dits, device, OffloadConfig.from_settings(settings))
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, model_cls: str | None = None, task: str | None = None, *,
@@ -103,7 +119,8 @@ class Pipeline:
         raw = {**user, **{k: v for k, v in config.items() if v is not None}}
         found = resolve_dit(model_path, raw)
         # Experts wait on the CPU; only the active one is moved to the GPU during sampling.
-        dit_device = "cpu" if len(found) == 2 else device
+        offload = OffloadConfig.from_settings(raw)  # checked before anything loads
+        dit_device = "cpu" if len(found) == 2 else offload.place("dit", device)
         dits = {name: load_dit(f.path, dtype=dtype, device=dit_device, dit_quantized=raw.get("dit_quantized"),
                                quant_scheme=raw.get("dit_quant_scheme")) for name, f in found.items()}
         main = next(iter(dits.values()))
@@ -117,6 +134,9 @@ class Pipeline:
         for name, dit in dits.items():
             apply_loras(dit, settings.get("lora_configs") or [], dynamic=bool(settings.get("lora_dynamic_apply")),
                         strict=bool(settings.get("lora_strict")), expert=name if len(dits) == 2 else None)
+            dit.set_attention(*(settings.get(key) or TORCH_SDPA for key in ATTENTION_KEYS))
+            if settings.get("use_compile"):
+                compile_blocks(dit)
 
         import x2v
 
@@ -126,14 +146,16 @@ class Pipeline:
         components = {
             "dits": dits,
             "tokenizer": x2v.load_tokenizer(locate("tokenizer"), text_len=main.config.text_len),
-            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=device, quantized=raw.get("t5_quantized"),
-                                        quant_scheme=raw.get("t5_quant_scheme")),
-            "vae": x2v.load_vae(locate("vae"), device=device),
+            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=offload.place("t5", device),
+                                        quantized=raw.get("t5_quantized"), quant_scheme=raw.get("t5_quant_scheme")),
+            "vae": x2v.load_vae(locate("vae"), device=offload.place("vae", device)),
         }
         if main.config.image_branch:
-            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype, device=device,
+            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype,
+                                                        device=offload.place("clip", device),
                                                         quantized=raw.get("clip_quantized"),
                                                         quant_scheme=raw.get("clip_quant_scheme"))
+        offload_encoders(components, device, offload)
         return cls(model_cls=model_cls, task=task, settings=settings, components=components, device=device,
                    dtype=dtype, load_seconds=time.perf_counter() - start)
 
@@ -185,11 +207,12 @@ class Pipeline:
                 contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
             vace_sources = (src_video, src_mask, src_ref_images or [])
             inputs = self.prepare_inputs(s, frames, image, last_image, vace_sources, timings)
-            with timed(timings, "denoise", self.device):
+            with timed(timings, "denoise", self.device), self.offload.denoising():
                 latents = self.denoise(s, inputs, contexts, seed, progress)
             with timed(timings, "decode", self.device):
                 # VACE reference images are extra latent frames in front; they are not part of the video.
-                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float())[0]
+                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float(),
+                                        tiled=bool(s.get("use_tiling_vae")))[0]
         result = GenerationResult(to_uint8_frames(video), int(s["fps"]), video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
         path = save_result_path or s.get("save_result_path")
@@ -197,6 +220,10 @@ class Pipeline:
             with timed(timings, "save", self.device):
                 result.path = write_mp4(result.frames, path, result.fps)
         return result
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """VAE latents of ``video`` [B, 3, F, H, W] (tiled with ``use_tiling_vae``)."""
+        return self.vae.encode(video.to(self.device), tiled=bool(self.settings.get("use_tiling_vae")))
 
     def prepare_inputs(self, s, frames, image, last_image, vace_sources, timings) -> dict:
         """Latent shape and the conditioning the DiT takes (``y``, ``clip_fea``, ``vace_context``, TI2V image)."""
@@ -223,13 +250,13 @@ class Pipeline:
         if self.model_cls == "wan2.2":  # TI2V-5B: the image becomes latent frame 0
             width, height = cond.ti2v_size(first.shape[2], first.shape[1], area)
             picture = cond.resize_cover_crop(first, height, width)
-            inputs["first_latent"] = self.vae.encode(picture[None, :, None].to(self.device))
+            inputs["first_latent"] = self.encode(picture[None, :, None])
             return height, width
         # Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B: mask + conditioning latent on the channels, CLIP tokens (Wan2.1)
         stride = self.vae.stride[1]
         last = load_image(last_image) if last_image is not None else None
         height, width = cond.i2v_size(first.shape[1], first.shape[2], area, stride)
-        latent = self.vae.encode(cond.conditioning_video(first, frames, height, width, last)[None].to(self.device))
+        latent = self.encode(cond.conditioning_video(first, frames, height, width, last)[None])
         mask = cond.i2v_mask(frames, height // stride, width // stride, last is not None)
         inputs["y"] = torch.cat([mask[None].to(self.device), latent], dim=1)
         if self.clip is not None:
@@ -246,14 +273,14 @@ class Pipeline:
         if video.shape[1:] != (frames, height, width) or mask.shape != (frames, height, width):
             raise ValueError(f"VACE src_video must be [3, {frames}, {height}, {width}] and src_mask "
                              f"[{frames}, {height}, {width}], got {list(video.shape)} and {list(mask.shape)}")
-        inactive = self.vae.encode((video * (1 - mask))[None].to(self.device))
-        reactive = self.vae.encode((video * mask)[None].to(self.device))
+        inactive = self.encode((video * (1 - mask))[None])
+        reactive = self.encode((video * mask)[None])
         context = torch.cat([inactive, reactive, cond.fold_vace_mask(mask, inactive.shape[2], self.vae.stride[1])[None]
                              .to(self.device)], dim=1)
         refs = []
         for ref in ref_images:
             picture = cond.fit_on_white(load_image(ref), height, width)
-            latent = self.vae.encode(picture[None, :, None].to(self.device))
+            latent = self.encode(picture[None, :, None])
             refs.append(torch.cat([latent, torch.zeros_like(latent), context.new_zeros(1, 64, *latent.shape[2:])], 1))
         return {"vace_context": torch.cat([*refs, context], dim=2), "ref_frames": len(refs)}
 
@@ -266,7 +293,10 @@ class Pipeline:
         return HIGH if float(t) >= float(s["boundary"]) * 1000 else LOW
 
     def activate(self, name: str) -> torch.nn.Module:
-        """Move the chosen expert to the compute device and the other one off it."""
+        """Move the chosen expert to the compute device and the other one off it (with cpu_offload: as
+        ``offload_granularity`` says)."""
+        if self.offload.enabled:
+            return self.offload.activate(name)
         for other, model in self.dits.items():
             if other != name and self.device.type != "cpu":
                 model.to("cpu")
@@ -296,6 +326,8 @@ class Pipeline:
             name = self.expert_for(s, i, t)
             if name != active:
                 dit, active = self.activate(name), name
+            if i + 1 < len(scheduler.timesteps):  # model offload: the next expert is copied during this step
+                self.offload.prefetch(self.expert_for(s, i + 1, scheduler.timesteps[i + 1]))
             timestep = t.reshape(1).to(self.device)
             if first_latent is not None:
                 timestep = cond.per_token_timesteps(timestep, keep[0, 0])

@@ -1,0 +1,104 @@
+"""Attention types by LightX2V's keys, and ``use_compile`` (compiled blocks, no recompile on a LoRA strength)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+
+import x2v
+from test_lora import BASES, random_pairs, write_pairs
+from x2v.demo import write_tiny_model
+from x2v.loading.lora import attach_loras
+from x2v.ops import attention as attn
+from x2v.pipelines.wan import Pipeline, compile_blocks
+
+
+@pytest.fixture(autouse=True)
+def fresh_kernels():
+    attn.kernel.cache_clear()  # each test sees its own installed packages and notices
+    yield
+    attn.kernel.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def t2v(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "t2v", "t2v")
+
+
+def inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    return (torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g), torch.tensor([650.0]),
+            torch.randn(1, 7, cfg.text_dim, generator=g))
+
+
+def test_unknown_attention_type_is_refused(t2v):
+    model = x2v.load_dit(t2v, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown attention type 'flash3'.*torch_sdpa, flash_attn2, flash_attn3"):
+        model.set_attention("flash3")
+
+
+@pytest.mark.parametrize("name, notice", [("flash_attn3", "needs the flash_attn_interface package"),
+                                          ("radial_attn", "not implemented in x2v")])
+def test_unavailable_types_fall_back_to_sdpa_with_a_notice(t2v, caplog, name, notice):
+    sys.modules.pop("flash_attn_interface", None)
+    model = x2v.load_dit(t2v, dtype=torch.float32)
+    x, t, context = inputs(model)
+    with torch.no_grad():
+        want = model(x, t, context)
+        with caplog.at_level(logging.WARNING):
+            model.set_attention(name, name, name)
+        assert model.blocks[0].self_attn.backend == name and model.blocks[1].cross_attn.backend == name
+        assert torch.equal(model(x, t, context), want)
+    assert sum(notice in r.getMessage() for r in caplog.records) == 1  # said once, not per layer or call
+
+
+def test_installed_kernel_is_called_with_the_layout_it_takes(monkeypatch):
+    """A package found by name is called with [B, L, heads, d] (CUDA half-precision inputs only)."""
+    calls = []
+
+    def fake_flash(q, k, v):
+        calls.append(q.shape)
+        return attn.sdpa(q, k, v)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=fake_flash))
+    q = torch.randn(1, 5, 2, 8, dtype=torch.bfloat16)
+    assert attn.kernel("flash_attn2").func is fake_flash
+    assert torch.equal(attn.attention(q, q, q, "flash_attn2"), attn.sdpa(q, q, q))
+    assert calls == []  # CPU tensors: the CUDA kernel is not called
+    if torch.cuda.is_available():
+        attn.attention(q.cuda(), q.cuda(), q.cuda(), "flash_attn2")
+        assert calls == [(1, 5, 2, 8)]
+
+
+def test_pipeline_reads_the_attention_keys(t2v):
+    pipe = Pipeline.from_pretrained(t2v, device="cpu", self_attn_1_type="sage_attn2", cross_attn_1_type="torch_sdpa",
+                                    target_height=32, target_width=32, target_video_length=5, infer_steps=1)
+    dit = next(iter(pipe.dits.values()))
+    assert (dit.blocks[0].self_attn.backend, dit.blocks[0].cross_attn.backend) == ("sage_attn2", "torch_sdpa")
+
+
+def test_compiled_blocks_match_and_a_lora_strength_change_does_not_recompile(t2v, tmp_path):
+    """The LoRA touches block 0 only: blocks with and without a branch must not share a compiled graph."""
+    import torch._dynamo
+
+    eager = x2v.load_dit(t2v, dtype=torch.float32)
+    model = x2v.load_dit(t2v, dtype=torch.float32)
+    path = write_pairs(tmp_path / "l.safetensors", random_pairs(model, bases=BASES[:1]),
+                       lambda b: f"diffusion_model.{b}", ".lora_up.weight", ".lora_down.weight")
+    for m in (eager, model):
+        attach_loras(m, [{"path": path, "strength": 0.5}])
+    compile_blocks(model)
+    x, t, context = inputs(model)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, context), eager(x, t, context), rtol=1e-4, atol=1e-5)
+        for m in (eager, model):  # what changing the strength 0.5 -> 1.5 writes
+            m.blocks[0].self_attn.q.lora_branch.scales.mul_(3)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            changed = model(x, t, context)
+        torch.testing.assert_close(changed, eager(x, t, context), rtol=1e-4, atol=1e-5)
