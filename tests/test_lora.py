@@ -273,6 +273,33 @@ def test_dynamic_strengths_are_tensors(dirs, tmp_path):
     assert branch.down.dtype == torch.bfloat16  # the layer's compute dtype
 
 
+def test_set_lora_strength_equals_attaching_at_that_strength(dirs, tmp_path):
+    """Pairs (branch scales written in place) and diffs (recomputed from the original) both follow the change."""
+    base = load(dirs / "t2v", dtype=torch.float32)
+    g = torch.Generator().manual_seed(4)
+    path = str(tmp_path / "mixed.safetensors")
+    save_file({"diffusion_model.blocks.0.diff_m": 0.1 * torch.randn(1, 6, 128, generator=g),
+               "diffusion_model.blocks.1.self_attn.o.diff_b": 0.1 * torch.randn(128, generator=g),
+               **{f"diffusion_model.{b}.lora_{r}.weight": t for b, (u, d) in random_pairs(base, seed=5).items()
+                  for r, t in (("up", u), ("down", d))}}, path)
+    x, t, context = inputs()
+    changed, fresh = load(dirs / "t2v", dtype=torch.float32), load(dirs / "t2v", dtype=torch.float32)
+    attach_loras(changed, [{"path": path, "strength": 0.3}])
+    scales = changed.blocks[0].self_attn.q.lora_branch.scales
+    lora.set_lora_strength(changed, path, 1.2)
+    attach_loras(fresh, [{"path": path, "strength": 1.2}])
+    assert changed.blocks[0].self_attn.q.lora_branch.scales is scales  # written in place: no new graph input
+    with torch.no_grad():
+        assert torch.equal(changed(x, t, context), fresh(x, t, context))
+    assert lora.attached_loras(changed)[0].strength == 1.2
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    detach_loras(changed)
+    for key, value in changed.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="not attached at run time"):
+        lora.set_lora_strength(changed, path, 1.0)
+
+
 # --- Wan2.2 experts -----------------------------------------------------------------------------------------------
 
 
@@ -509,6 +536,14 @@ def test_pipeline_lora_configs_load_lora_and_unload(pipeline_models, tmp_path):
     assert [r.path for r in lora.attached_loras(dit)] == [first]
     assert pipe.load_lora(second, strength=0.3).path == second
     with_loras = pipe.generate("a cat", seed=1, progress=False).frames
+    pipe.set_lora_strength(second, 0.0)  # as if only the first LoRA were attached
+    only_first = Pipeline.from_pretrained(pipeline_models["t2v"], device="cpu", dtype=torch.float32,
+                                          lora_configs=[{"path": first, "strength": 0.5}], lora_dynamic_apply=True,
+                                          **SMALL)
+    assert (pipe.generate("a cat", seed=1, progress=False).frames
+            == only_first.generate("a cat", seed=1, progress=False).frames).all()
+    with pytest.raises(ValueError, match="no LoRA attached at run time"):
+        pipe.set_lora_strength(tmp_path / "other.safetensors", 1.0)
     pipe.unload_loras()
     assert_only_changed(dit, before, {})
     assert lora.attached_loras(dit) == []

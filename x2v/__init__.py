@@ -16,6 +16,7 @@ _LAZY = {
     "merge_loras": "x2v.loading.lora",
     "attach_loras": "x2v.loading.lora",
     "detach_loras": "x2v.loading.lora",
+    "set_lora_strength": "x2v.loading.lora",
 }
 
 __all__ = ["CheckpointError", "UnsupportedModelError", "X2VError", *_LAZY]

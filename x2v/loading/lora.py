@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -111,12 +111,19 @@ class LoraReport:
 
 @dataclass(frozen=True)
 class Term:
-    """One LoRA's change to one tensor: ``scale · up @ down`` (a pair) or ``scale · diff``."""
+    """One LoRA's change to one tensor: ``strength · unit · up @ down`` (a pair; ``unit`` = alpha / rank or 1) or
+    ``strength · diff``. ``lora`` is the file it comes from."""
 
-    scale: float
+    strength: float
+    unit: float = 1.0
     up: torch.Tensor | None = None
     down: torch.Tensor | None = None
     diff: torch.Tensor | None = None
+    lora: str = ""
+
+    @property
+    def scale(self) -> float:
+        return self.strength * self.unit
 
     @property
     def rank(self) -> int:
@@ -145,6 +152,9 @@ class LoraDeltas:
     def keys(self) -> set[str]:
         return set(self._terms)
 
+    def terms(self, key: str) -> list[Term]:
+        return list(self._terms.get(key, ()))
+
     def pairs(self, key: str) -> list[Term]:
         return [t for t in self._terms.get(key, ()) if t.diff is None]
 
@@ -160,9 +170,9 @@ class LoraDeltas:
         return total
 
 
-def pair_scale(strength: float, alpha: float | None, rank: int) -> float:
-    """``strength · alpha / rank``; no alpha (or alpha 0, ComfyUI's "none") means ``strength · 1``."""
-    return strength * (alpha / rank) if alpha else strength
+def unit_scale(alpha: float | None, rank: int) -> float:
+    """``alpha / rank``; no alpha (or alpha 0, ComfyUI's "none") means 1."""
+    return alpha / rank if alpha else 1.0
 
 
 def _read(entry: LoraEntry) -> dict[str, torch.Tensor]:
@@ -210,10 +220,10 @@ def _prepare_one(entry: LoraEntry, shapes: dict, *, strict: bool, model: str,
             file_alpha = alpha_value(target.alpha, target.keys[ALPHA], source) if target.alpha is not None else None
             ranks.add(target.rank)
             file_alphas.update([file_alpha] if file_alpha else [])
-            scale = pair_scale(entry.strength, entry.alpha if entry.alpha is not None else file_alpha, target.rank)
-            terms.setdefault(key, []).append(Term(scale, up=target.up, down=target.down))
+            unit = unit_scale(entry.alpha if entry.alpha is not None else file_alpha, target.rank)
+            terms.setdefault(key, []).append(Term(entry.strength, unit, up=target.up, down=target.down, lora=source))
         if target.diff is not None:
-            terms.setdefault(key, []).append(Term(entry.strength, diff=target.diff))
+            terms.setdefault(key, []).append(Term(entry.strength, diff=target.diff, lora=source))
     report = LoraReport(
         path=source, model=model, strength=entry.strength, total=len(tensors),
         matched=len(tensors) - sum(map(len, skipped.values())), pairs=sum(t.up is not None for t in used.values()),
@@ -315,15 +325,25 @@ class LoraBranch(nn.Module):
     """The low-rank update of one linear layer for every attached LoRA: ``((x @ downᵀ) · scales) @ upᵀ``.
 
     The ranks of all LoRAs are stacked, so several LoRAs cost one pair of small matmuls. ``scales`` (strength ·
-    alpha / rank per rank row, float32) is a tensor, so changing a strength never recompiles a compiled model.
-    Buffers are not persistent: the model's state dict stays the base model's.
+    alpha / rank per rank row, float32) is a tensor written in place by ``set_strength``, so changing a strength
+    never recompiles a compiled model. Buffers are not persistent: the model's state dict stays the base model's.
     """
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, pairs: list[Term], device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("down", down, persistent=False)
-        self.register_buffer("up", up, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("down", torch.cat([t.down.to(device, dtype) for t in pairs]), persistent=False)
+        self.register_buffer("up", torch.cat([t.up.to(device, dtype) for t in pairs], dim=1), persistent=False)
+        self.register_buffer("scales", torch.cat([torch.full((t.rank,), t.scale, dtype=torch.float32, device=device)
+                                                  for t in pairs]), persistent=False)
+        self.pairs = pairs  # which rows are whose: the terms in row order
+
+    def set_strength(self, lora: str, strength: float) -> None:
+        row = 0
+        for i, term in enumerate(self.pairs):
+            if term.lora == lora:
+                self.pairs[i] = term = replace(term, strength=strength)
+                self.scales[row:row + term.rank].fill_(term.scale)
+            row += term.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = F.linear(x.to(self.down.dtype), self.down)
@@ -334,26 +354,46 @@ def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
     return output + module.lora_branch(args[0]).to(output.dtype)
 
 
+TensorRef = tuple[nn.Module, str]  # a parameter or buffer by owner and name
+
+
 @dataclass
 class AttachedLoras:
-    """What ``attach_loras`` changed in a model, so ``detach_loras`` can undo it exactly."""
+    """What ``attach_loras`` changed in a model, so ``set_lora_strength`` and ``detach_loras`` can redo or undo it."""
 
     reports: list[LoraReport] = field(default_factory=list)
     hooks: dict[nn.Module, RemovableHandle] = field(default_factory=dict)  # layers with a LoraBranch
-    originals: dict[tuple[nn.Module, str], torch.Tensor] = field(default_factory=dict)  # before the first LoRA
+    originals: dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # before the first LoRA
+    replaced: dict[TensorRef, list[Term]] = field(default_factory=dict)  # changes applied to the tensors themselves
 
 
 def _extend_branch(module: nn.Module, pairs: list[Term], state: AttachedLoras) -> None:
-    device, dtype = module.weight.device, input_dtype(module)
-    parts = [(t.down.to(device, dtype), t.up.to(device, dtype),
-              torch.full((t.rank,), t.scale, dtype=torch.float32, device=device)) for t in pairs]
     old = getattr(module, "lora_branch", None)
     if old is None:
         state.hooks[module] = module.register_forward_hook(_add_branch)
+    module.lora_branch = LoraBranch((old.pairs if old else []) + pairs, module.weight.device, input_dtype(module))
+
+
+def _restore(module: nn.Module, name: str, original: torch.Tensor) -> None:
+    current = getattr(module, name)
+    restored = original.to(current.device)  # the model may have moved since
+    if isinstance(current, nn.Parameter):
+        current.data = restored
     else:
-        parts.insert(0, (old.down, old.up, old.scales))
-    downs, ups, scales = zip(*parts)
-    module.lora_branch = LoraBranch(torch.cat(downs), torch.cat(ups, dim=1), torch.cat(scales))
+        setattr(module, name, restored)
+
+
+def _replace(module: nn.Module, name: str, terms: list[Term], state: AttachedLoras, generators: dict) -> None:
+    """Set ``module.<name>`` to its original plus every term (the originals are kept for detach)."""
+    for ref in [(module, name), (module, "weight_scale")]:  # an 8-bit weight comes with its scale
+        if ref in state.originals:
+            _restore(*ref, state.originals[ref])
+    tensor = getattr(module, name)
+    total = terms[0].value(tensor.shape, tensor.device)
+    for term in terms[1:]:
+        total += term.value(tensor.shape, tensor.device)
+    for replaced, original in _add_delta(module, name, total, generators).items():
+        state.originals.setdefault((module, replaced), original)
 
 
 def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
@@ -370,16 +410,37 @@ def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
     changed, generators = deltas.keys(), {}
     for key in (k for k in shapes if k in changed):
         module, name = _owner(model, key)
-        pairs = deltas.pairs(key) if name == "weight" and isinstance(module, (nn.Linear, QuantLinear)) else []
+        branchable = name == "weight" and isinstance(module, (nn.Linear, QuantLinear))
+        pairs = deltas.pairs(key) if branchable else []
         if pairs:
             _extend_branch(module, pairs, state)
-        rest = deltas.delta(key, getattr(module, name).device, pairs=not pairs)
-        if rest is not None:
-            for replaced, original in _add_delta(module, name, rest, generators).items():
-                state.originals.setdefault((module, replaced), original)
+        rest = [t for t in deltas.terms(key) if not (branchable and t.diff is None)]
+        if rest:
+            state.replaced.setdefault((module, name), []).extend(rest)
+            _replace(module, name, state.replaced[(module, name)], state, generators)
     state.reports += reports
     setattr(model, ATTACHED, state)
     return reports
+
+
+def set_lora_strength(model: nn.Module, lora: str | os.PathLike, strength: float) -> None:
+    """Change the strength of a LoRA attached at run time, without reloading or recompiling anything."""
+    state = getattr(model, ATTACHED, None)
+    reports = [r for r in state.reports if r.path == str(lora)] if state else []
+    if not reports:
+        raise ValueError(f"{lora}: not attached at run time to this model (attach_loras / Pipeline.load_lora first)")
+    if any(r.strength == 0 for r in reports):
+        raise ValueError(f"{lora}: attached with strength 0, which attaches nothing; detach and attach it with a "
+                         "non-zero strength")
+    for module in state.hooks:
+        module.lora_branch.set_strength(str(lora), strength)
+    generators = {}
+    for (module, name), terms in state.replaced.items():
+        if any(t.lora == str(lora) for t in terms):
+            terms[:] = [replace(t, strength=strength) if t.lora == str(lora) else t for t in terms]
+            _replace(module, name, terms, state, generators)
+    for report in reports:
+        report.strength = strength
 
 
 def detach_loras(model: nn.Module) -> None:
@@ -391,12 +452,7 @@ def detach_loras(model: nn.Module) -> None:
         hook.remove()
         del module.lora_branch
     for (module, name), original in state.originals.items():
-        current = getattr(module, name)
-        restored = original.to(current.device)  # the model may have moved since
-        if isinstance(current, nn.Parameter):
-            current.data = restored
-        else:
-            setattr(module, name, restored)
+        _restore(module, name, original)
     delattr(model, ATTACHED)
 
 

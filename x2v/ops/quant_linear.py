@@ -136,6 +136,8 @@ class QuantLinear(nn.Module):
     def uses_w8a8(self, device: torch.device) -> bool:
         if self.mode == WEIGHT_ONLY or not kernel_shape_ok(self.kind, self.in_features, self.out_features):
             return False
+        if self.kind == "fp8" and device.type == "cuda" and self.compute_dtype != torch.bfloat16:
+            return False  # row-wise scaled fp8 GEMMs write bfloat16 only
         return self.mode == W8A8 or w8a8_available(self.kind, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,9 @@ import torch
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
 from x2v.loading.dit import load_dit
-from x2v.loading.lora import LoraEntry, LoraReport, apply_loras, detach_loras
+from x2v.loading.lora import (
+    LoraEntry, LoraReport, apply_loras, attached_loras, detach_loras, set_lora_strength,
+)
 from x2v.loading.resolve import resolve_component, resolve_dit
 from x2v.models.t5 import trim_to_lengths
 from x2v.ops.attention import TORCH_SDPA
@@ -171,6 +173,17 @@ class Pipeline:
             reports += apply_loras(dit, [entry], dynamic=True, strict=bool(self.settings.get("lora_strict")),
                                    expert=expert if len(self.dits) == 2 else None)
         return reports[0]
+
+    def set_lora_strength(self, path: str | Path, strength: float, name: str | None = None) -> None:
+        """Change the strength of a LoRA attached at run time (``load_lora``, or ``lora_configs`` with
+        ``lora_dynamic_apply``), on every expert that has it or on expert ``name``; no reload, no recompile."""
+        dits = [dit for expert, dit in self.dits.items() if name in (None, expert)
+                and any(r.path == str(path) for r in attached_loras(dit))]
+        if not dits:
+            raise ValueError(f"{path}: no LoRA attached at run time under this path"
+                             + (f" on {name}" if name else "") + "; load it with load_lora first")
+        for dit in dits:
+            set_lora_strength(dit, path, strength)
 
     def unload_loras(self) -> None:
         """Remove every LoRA attached at run time (``load_lora``, or ``lora_configs`` with ``lora_dynamic_apply``):
