@@ -167,7 +167,7 @@ def main() -> None:
             model = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
             model.set_attention(args.attention, args.attention, args.attention)
             if args.compile:
-                compile_blocks(model)
+                compile_blocks(model, device)
             models[f"x2v {quant or args.dtype}"] = model
         g = torch.Generator(device).manual_seed(1)
         x = torch.randn(latent, generator=g, device=device, dtype=dtype)

@@ -167,6 +167,15 @@ def replace_linears(model: nn.Module, names: list[str], kind: str, compute_dtype
         setattr(parent, child, new)
 
 
+def settle_quant_modes(model: nn.Module, device: torch.device | str) -> None:
+    """Decide now which path each ``auto`` layer takes on ``device`` (before compiling: compiled code must not
+    probe kernels or log)."""
+    device = torch.device(device)
+    for module in model.modules():
+        if isinstance(module, QuantLinear) and module.mode == AUTO:
+            module.mode = W8A8 if module.uses_w8a8(device) else WEIGHT_ONLY
+
+
 def set_quant_mode(model: nn.Module, mode: str) -> None:
     """``auto`` / ``w8a8`` / ``weight-only`` for every quantized layer of ``model``."""
     if mode not in (AUTO, W8A8, WEIGHT_ONLY):

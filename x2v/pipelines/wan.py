@@ -26,6 +26,7 @@ from x2v.loading.lora import (
 from x2v.loading.resolve import resolve_component, resolve_dit
 from x2v.models.t5 import trim_to_lengths
 from x2v.ops.attention import TORCH_SDPA
+from x2v.ops.quant_linear import settle_quant_modes
 from x2v.pipelines import conditioning as cond
 from x2v.pipelines.config import check_frames, guide_scales, resolve_settings
 from x2v.pipelines.offload import DiTOffload, OffloadConfig, offload_encoders
@@ -55,10 +56,12 @@ class GenerationResult:
                 f"seed {self.seed}{saved}\ntime: {phases}\npeak memory: {self.peak_memory_bytes / 2**30:.2f} GiB")
 
 
-def compile_blocks(dit: torch.nn.Module) -> None:
+def compile_blocks(dit: torch.nn.Module, device: torch.device | str) -> None:
     """``use_compile``: each transformer block's forward compiled (once per input shape; all blocks share the
-    code). LoRA strengths are tensors, so changing one does not recompile."""
+    code) for running on ``device``. LoRA strengths are tensors, so changing one does not recompile."""
     import torch._dynamo
+
+    settle_quant_modes(dit, device)
 
     # Dynamic LoRA branches are forward hooks: by default dynamo does not guard on hooks, so a block without a
     # branch could run the graph of one with it (wrong output, no error). Guard on them.
@@ -138,7 +141,7 @@ class Pipeline:
                         strict=bool(settings.get("lora_strict")), expert=name if len(dits) == 2 else None)
             dit.set_attention(*(settings.get(key) or TORCH_SDPA for key in ATTENTION_KEYS))
             if settings.get("use_compile"):
-                compile_blocks(dit)
+                compile_blocks(dit, device)
 
         import x2v
 
