@@ -350,3 +350,38 @@ def test_fp8_e5m2_weights_are_dequantized(tmp_path, tiny_i2v):
     layer = model.blocks[0].ffn[0]
     assert type(layer) is torch.nn.Linear
     assert torch.equal(layer.weight, tensors[key].float() * scale)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_goes_in_before_quantizing_at_load_as_in_convert(tmp_path, tiny_i2v, kind):
+    """A float file quantized at load with a LoRA: the LoRA is added to the float weight, then it is quantized
+    (fp8: stochastic rounding seeded by the tensor's name) — the same 8-bit values `x2v convert` writes."""
+    import zlib
+
+    from safetensors.torch import save_file
+
+    from x2v.convert import convert
+    from x2v.convert.options import LoraSpec
+
+    sd, directory, _, _ = tiny_i2v
+    key = "blocks.1.ffn.0.weight"
+    g = torch.Generator().manual_seed(7)
+    out_features, in_features = sd[key].shape
+    up, down = 0.05 * torch.randn(out_features, 4, generator=g), 0.05 * torch.randn(4, in_features, generator=g)
+    head_diff = 0.01 * torch.randn(sd["head.head.weight"].shape, generator=g)
+    lora_file = tmp_path / "lora.safetensors"
+    save_file({"diffusion_model.blocks.1.ffn.0.lora_up.weight": up,
+               "diffusion_model.blocks.1.ffn.0.lora_down.weight": down,
+               "diffusion_model.head.head.diff": head_diff}, str(lora_file))
+    model = load_dit(directory, dit_quantized=True, quant_scheme=f"{kind}-vllm",
+                     lora_configs=[{"path": str(lora_file), "strength": 0.8}])
+    rounding = torch.Generator().manual_seed(zlib.crc32(key.encode())) if kind == "fp8" else None
+    q, scale = quantize_weight(sd[key] + 0.8 * (up @ down), kind, generator=rounding)
+    layer = model.get_submodule(key.removesuffix(".weight"))
+    assert torch.equal(layer.weight, q) and torch.equal(layer.weight_scale, scale)
+    assert torch.equal(model.head.head.weight, sd["head.head.weight"] + 0.8 * head_diff)  # float32 tensors: after
+    assert [r.matched for r in model.load_info["loras"]] == [3]
+    convert(directory, tmp_path / "converted.safetensors", layout="single", quantize=kind, progress=False,
+            loras=(LoraSpec(str(lora_file), 0.8),))
+    converted = load_dit(tmp_path / "converted.safetensors")
+    assert torch.equal(converted.get_submodule(key.removesuffix(".weight")).weight, q)

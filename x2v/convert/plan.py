@@ -8,7 +8,6 @@ its float32 scale, written next to each other.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,7 +15,7 @@ import torch
 
 from x2v.formats.quant import (
     MARKER, PER_CHANNEL, PER_TENSOR, QUANT_DTYPES, SCALE_NAMES, Encoding, dequantize_weight, per_channel_scale,
-    quantize_weight, quantized_in_releases,
+    merge_rounding, quantize_weight, quantized_in_releases,
 )
 from x2v.formats.writers import TensorSpec
 
@@ -154,8 +153,7 @@ class Producer:
             if granularity == PER_CHANNEL:
                 return tensor, per_channel_scale(scale, shape[0])
             return tensor, scale.to(torch.float32).reshape(())
-        stochastic = delta is not None and kind == "fp8"  # as x2v.loading.lora merges into fp8 layers
-        generator = torch.Generator().manual_seed(zlib.crc32(key.encode())) if stochastic else None
+        generator = merge_rounding(key, kind, "cpu") if delta is not None else None  # as the loader merges
         value = tensor if delta is None and scale is None else self.value(key, delta)
         if granularity == PER_TENSOR:
             q, s = quantize_weight(value.reshape(1, -1), kind, generator=generator)

@@ -20,6 +20,8 @@ weights are dequantized, so they are dropped.
 from __future__ import annotations
 
 import re
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -397,17 +399,32 @@ def dequantize(
     return result
 
 
+def merge_rounding(key: str, kind: str, device: torch.device | str) -> torch.Generator | None:
+    """How a weight a LoRA changed is rounded back to ``kind``: fp8 stochastically (pitfall B03: small changes
+    survive on average), seeded by the tensor's name so the same files give the same weights whatever else is
+    merged; int8 to nearest (its steps are fine enough)."""
+    return torch.Generator(device).manual_seed(zlib.crc32(key.encode())) if kind == "fp8" else None
+
+
 def quantize_layers(
-    tensors: dict[str, torch.Tensor], layers: list[str], kind: str, *, device: torch.device | str = "cpu"
+    tensors: dict[str, torch.Tensor], layers: list[str], kind: str, *, device: torch.device | str = "cpu",
+    delta: Callable[[str, torch.device], torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Float official-named tensors with the weights of ``layers`` quantized per output channel (one at a time,
-    on ``device``, each source weight's pages released after): ``<layer>.weight`` + ``<layer>.weight_scale``."""
+    on ``device``, each source weight's pages released after): ``<layer>.weight`` + ``<layer>.weight_scale``.
+    ``delta(key, device)`` (a LoRA's float32 change, or None) is added before quantizing."""
     mappings = FileMappings()
     result = dict(tensors)
     for layer in layers:
-        weight = tensors[f"{layer}.weight"]
-        pages = mappings.pages(weight)
-        result[f"{layer}.weight"], result[f"{layer}.weight_scale"] = quantize_weight(weight.to(device), kind)
+        key = f"{layer}.weight"
+        weight = tensors[key].to(device)
+        pages = mappings.pages(tensors[key])
+        change = delta(key, weight.device) if delta else None
+        if change is None:
+            result[key], result[f"{layer}.weight_scale"] = quantize_weight(weight, kind)
+        else:
+            result[key], result[f"{layer}.weight_scale"] = quantize_weight(
+                change.add_(weight.float()), kind, generator=merge_rounding(key, kind, weight.device))
         release_pages(pages)
     return result
 

@@ -10,12 +10,14 @@ import torch
 from x2v.errors import CheckpointError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
+from x2v.formats.keys import summarize_keys
 from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 from x2v.formats.readers import read_checkpoint
-from x2v.loading.lora import apply_loras
-from x2v.loading.resolve import resolve_dit
-from x2v.formats.keys import summarize_keys
+from x2v.loading.lora import (
+    apply_loras, describe_model, entries_for_expert, merge_deltas, prepare_loras, target_shapes,
+)
 from x2v.loading.quantized import prepare_quantized
+from x2v.loading.resolve import resolve_dit
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
 
@@ -108,14 +110,27 @@ def load_dit(
                  source, quantize_kind, quant_scheme)
     dtype = dtype or (torch.bfloat16 if quantize_kind else default_dtype(tensors))
     model = build_on_meta(lambda: WanDiT(config))
+    deltas, merged = None, set()
+    if lora_configs and quantize_kind and not lora_dynamic_apply:
+        # Quantizing at load: the LoRAs go into the float weights before they are rounded to 8 bits.
+        deltas, reports = prepare_loras(entries_for_expert(lora_configs, expert), target_shapes(model),
+                                        strict=lora_strict, model_description=describe_model(model, expert))
+
+    def delta_before_quantizing(key: str, on: torch.device) -> torch.Tensor | None:
+        merged.add(key)
+        return deltas.delta(key, on)
+
     tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="dit", dtype=dtype,
-                                device=device, keep_fp32=FP32_PARAMS)
+                                device=device, keep_fp32=FP32_PARAMS, delta=delta_before_quantizing if deltas else None)
     model = assign_weights(
         model, tensors, dtype=dtype, device=device, keep_fp32=FP32_PARAMS, source=source,
         what=f"{config.model_type} DiT (dim {config.dim}, {config.num_layers} layers)",
     )
     model.load_info = {"encoding": encoding.name, "source": source, "quantized": encoding.weight_kind or quantize_kind}
-    if lora_configs:
+    if deltas:
+        merge_deltas(model, deltas, skip=merged)
+        model.load_info["loras"] = reports
+    elif lora_configs:
         model.load_info["loras"] = apply_loras(model, lora_configs, dynamic=lora_dynamic_apply, strict=lora_strict,
                                                expert=expert)
     return model

@@ -33,7 +33,7 @@ from x2v.formats.lora_keys import (
     ALPHA, LONE_ALPHA, UNRECOGNIZED, LoraTarget, alpha_value, check_supported, describe_skipped, group_by_target,
     guess_variant, shape_problem, skip_reason,
 )
-from x2v.formats.quant import quantize_weight
+from x2v.formats.quant import merge_rounding, quantize_weight
 from x2v.formats.readers import FileMappings, read_checkpoint, release_pages
 from x2v.loading.resolve import EXPERTS
 from x2v.models.wan_dit import WanDiTConfig
@@ -42,7 +42,6 @@ from x2v.ops.quant_linear import QuantLinear, input_dtype
 log = logging.getLogger(__name__)
 
 ATTACHED = "lora_attached"  # model attribute holding the state of LoRAs attached at run time
-FP8_SEED = 0  # stochastic rounding of merged fp8 weights: same files, same weights
 
 
 @dataclass
@@ -280,13 +279,7 @@ def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
     return model.get_submodule(module_name), name
 
 
-def _generator(generators: dict, device: torch.device) -> torch.Generator:
-    if device not in generators:
-        generators[device] = torch.Generator(device).manual_seed(FP8_SEED)
-    return generators[device]
-
-
-def _add_delta(module: nn.Module, name: str, delta: torch.Tensor, generators: dict) -> dict[str, torch.Tensor]:
+def _add_delta(module: nn.Module, name: str, delta: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
     """Replace ``module.<name>`` by itself + ``delta`` (float32 sum, cast once); returns the replaced tensors.
 
     Never writes into the old tensor: it may be a view of the checkpoint file, and it is what a detach restores.
@@ -294,7 +287,7 @@ def _add_delta(module: nn.Module, name: str, delta: torch.Tensor, generators: di
     if isinstance(module, QuantLinear) and name == "weight":
         replaced = {"weight": module.weight.data, "weight_scale": module.weight_scale}
         weight = module.dequantized_weight(torch.float32).add_(delta)
-        generator = _generator(generators, weight.device) if module.kind == "fp8" else None
+        generator = merge_rounding(key, module.kind, weight.device)
         module.weight.data, module.weight_scale = quantize_weight(weight, module.kind, generator=generator)
         return replaced
     tensor = getattr(module, name)
@@ -308,17 +301,21 @@ def merge_loras(model: nn.Module, entries: list, *, strict: bool = False,
     """Merge LoRAs into ``model``'s weights in place, one tensor at a time on the tensor's own device."""
     if getattr(model, ATTACHED, None) is not None:
         raise ValueError("this model has LoRAs attached at run time; detach_loras(model) before merging others")
-    shapes = target_shapes(model)
-    deltas, reports = prepare_loras(entries, shapes, strict=strict, model_description=description or
+    deltas, reports = prepare_loras(entries, target_shapes(model), strict=strict, model_description=description or
                                     describe_model(model))
-    changed, mappings, generators = deltas.keys(), FileMappings(), {}
-    for key in (k for k in shapes if k in changed):  # model order: deterministic fp8 rounding, sequential reads
+    merge_deltas(model, deltas)
+    return reports
+
+
+def merge_deltas(model: nn.Module, deltas: LoraDeltas, skip: set[str] = frozenset()) -> None:
+    """Add prepared LoRA changes to ``model``'s tensors (except ``skip``, merged already), one at a time."""
+    mappings = FileMappings()
+    for key in (k for k in model.state_dict() if k in deltas.keys() and k not in skip):  # sequential reads
         module, name = _owner(model, key)
         # Passed on, not kept: each delta is freed before the next one is computed.
-        replaced = _add_delta(module, name, deltas.delta(key, getattr(module, name).device), generators)
+        replaced = _add_delta(module, name, deltas.delta(key, getattr(module, name).device), key)
         for original in replaced.values():
             release_pages(mappings.pages(original))  # the file's copy of this tensor is no longer needed
-    return reports
 
 
 class LoraBranch(nn.Module):
@@ -364,7 +361,7 @@ class AttachedLoras:
     reports: list[LoraReport] = field(default_factory=list)
     hooks: dict[nn.Module, RemovableHandle] = field(default_factory=dict)  # layers with a LoraBranch
     originals: dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # before the first LoRA
-    replaced: dict[TensorRef, list[Term]] = field(default_factory=dict)  # changes applied to the tensors themselves
+    replaced: dict[str, list[Term]] = field(default_factory=dict)  # official key -> changes made to the tensor itself
 
 
 def _extend_branch(module: nn.Module, pairs: list[Term], state: AttachedLoras) -> None:
@@ -383,8 +380,10 @@ def _restore(module: nn.Module, name: str, original: torch.Tensor) -> None:
         setattr(module, name, restored)
 
 
-def _replace(module: nn.Module, name: str, terms: list[Term], state: AttachedLoras, generators: dict) -> None:
-    """Set ``module.<name>`` to its original plus every term (the originals are kept for detach)."""
+def _replace(model: nn.Module, key: str, state: AttachedLoras) -> None:
+    """Set the tensor ``key`` to its original plus every term of ``state.replaced[key]`` (originals kept)."""
+    module, name = _owner(model, key)
+    terms = state.replaced[key]
     for ref in [(module, name), (module, "weight_scale")]:  # an 8-bit weight comes with its scale
         if ref in state.originals:
             _restore(*ref, state.originals[ref])
@@ -392,7 +391,7 @@ def _replace(module: nn.Module, name: str, terms: list[Term], state: AttachedLor
     total = terms[0].value(tensor.shape, tensor.device)
     for term in terms[1:]:
         total += term.value(tensor.shape, tensor.device)
-    for replaced, original in _add_delta(module, name, total, generators).items():
+    for replaced, original in _add_delta(module, name, total, key).items():
         state.originals.setdefault((module, replaced), original)
 
 
@@ -407,7 +406,7 @@ def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
     deltas, reports = prepare_loras(entries, shapes, strict=strict, model_description=description or
                                     describe_model(model))
     state = getattr(model, ATTACHED, None) or AttachedLoras()
-    changed, generators = deltas.keys(), {}
+    changed = deltas.keys()
     for key in (k for k in shapes if k in changed):
         module, name = _owner(model, key)
         branchable = name == "weight" and isinstance(module, (nn.Linear, QuantLinear))
@@ -416,8 +415,8 @@ def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
             _extend_branch(module, pairs, state)
         rest = [t for t in deltas.terms(key) if not (branchable and t.diff is None)]
         if rest:
-            state.replaced.setdefault((module, name), []).extend(rest)
-            _replace(module, name, state.replaced[(module, name)], state, generators)
+            state.replaced.setdefault(key, []).extend(rest)
+            _replace(model, key, state)
     state.reports += reports
     setattr(model, ATTACHED, state)
     return reports
@@ -434,11 +433,10 @@ def set_lora_strength(model: nn.Module, lora: str | os.PathLike, strength: float
                          "non-zero strength")
     for module in state.hooks:
         module.lora_branch.set_strength(str(lora), strength)
-    generators = {}
-    for (module, name), terms in state.replaced.items():
+    for key, terms in state.replaced.items():
         if any(t.lora == str(lora) for t in terms):
             terms[:] = [replace(t, strength=strength) if t.lora == str(lora) else t for t in terms]
-            _replace(module, name, terms, state, generators)
+            _replace(model, key, state)
     for report in reports:
         report.strength = strength
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -41,14 +43,16 @@ def prepare_quantized(
     dtype: torch.dtype,
     device: torch.device | str,
     keep_fp32: tuple[str, ...] = (),
+    delta: Callable[[str, torch.device], torch.Tensor | None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The tensors to assign to ``model`` (built on meta), whose linears are swapped for ``QuantLinear`` where
-    they run 8-bit (``quantized_linears``). Quantized tensors that do not run 8-bit are dequantized."""
+    they run 8-bit (``quantized_linears``). Quantized tensors that do not run 8-bit are dequantized. A float file
+    quantized here gets ``delta(key, device)`` (a LoRA change) added to each weight before it is quantized."""
     layers, kind = quantized_linears(model, tensors, encoding, quantize_kind, component, keep_fp32)
     if encoding.quantized:
         tensors = dequantize(tensors, encoding, dtype, device=device, keep_fp32=keep_fp32,
                              keep_quantized=frozenset(layers))
     elif layers:
-        tensors = quantize_layers(tensors, layers, kind, device=device)
+        tensors = quantize_layers(tensors, layers, kind, device=device, delta=delta)
     replace_linears(model, layers, kind, dtype)
     return tensors
