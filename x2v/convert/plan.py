@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from x2v.formats.quant import (
-    MARKER, PER_CHANNEL, PER_TENSOR, QUANT_DTYPES, SCALE_NAMES, Encoding, dequantize_weight, per_channel_scale,
-    merge_rounding, quantize_weight, quantized_in_releases,
+    MARKER, PER_CHANNEL, PER_TENSOR, QUANT_DTYPES, Encoding, dequantize_weight, per_channel_scale, merge_rounding,
+    quantize_weight, quantized_in_releases, without_scales,
 )
 from x2v.formats.writers import TensorSpec
 
@@ -82,11 +82,10 @@ def plan_items(tensors: dict[str, torch.Tensor], encoding: Encoding, target: Tar
     map; within one alignment, in the source's byte order (sequential reads). A quantized layer writes its float32
     scale before its 1-byte weight for the same reason.
     """
-    dropped = {MARKER} | {f"{layer}.{n}" for layer in encoding.layers for n in SCALE_NAMES}
     source_quantized = {f"{layer}.weight" for layer in encoding.layers}
     quantized = {f"{layer}.weight" for layer in quantized_layers(tensors, encoding, target, component)}
     items = []
-    for key in (k for k in tensors if k not in dropped):
+    for key in without_scales(tensors, encoding):
         tensor = tensors[key]
         shape = tuple(tensor.shape)
         if key in quantized:

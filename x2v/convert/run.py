@@ -27,7 +27,7 @@ from x2v.convert.plan import QUANTIZE, Item, Producer, Target, encoding_target, 
 from x2v.errors import CheckpointError, X2VError
 from x2v.formats.dit_keys import to_official, variant_name
 from x2v.formats.quant import (
-    ENCODINGS, FLOAT, MARKER, PER_TENSOR, SCALE_NAMES, Encoding, detect_encoding, schemes_for,
+    ENCODINGS, FLOAT, PER_TENSOR, Encoding, detect_encoding, schemes_for, without_scales,
 )
 from x2v.formats.readers import FileMappings, home_block, read_checkpoint, read_pages, release_pages
 from x2v.formats.writers import SafetensorsWriter, is_temp, publish, temp_path, write_temp_text
@@ -141,16 +141,10 @@ def written_encoding(target: Target, items: list[Item]) -> Encoding:
     return Encoding(name, target.kind, target.granularity, target.scale_name, layers)
 
 
-def weight_tensors(tensors: dict, encoding: Encoding) -> dict:
-    """The model's tensors without scales and marker (a quantized weight has its float shape)."""
-    scales = {f"{layer}.{n}" for layer in encoding.layers for n in SCALE_NAMES}
-    return {k: t for k, t in tensors.items() if k not in scales and k != MARKER}
-
-
 def check_complete(tensors: dict, encoding: Encoding, cfg: WanDiTConfig, source: str) -> None:
     """Refuse to convert a DiT that would not load: missing, unexpected or misshapen tensors."""
     expected = build_on_meta(lambda: WanDiT(cfg)).state_dict()
-    problems = weight_problems(expected, weight_tensors(tensors, encoding), "DiT")
+    problems = weight_problems(expected, without_scales(tensors, encoding), "DiT")
     if problems:
         raise CheckpointError(f"{source}: does not fit the {variant_name(cfg)} DiT its shapes describe, so its "
                               "conversion would not load:\n  " + "\n  ".join(problems))
@@ -174,7 +168,7 @@ def lora_deltas(job: DitJob, together: bool, tensors: dict, encoding: Encoding, 
                                   "@expert part, or say which expert the file is with --expert.")
     if not entries:
         return None, [], []
-    shapes = {k: t.shape for k, t in weight_tensors(tensors, encoding).items()}
+    shapes = {k: t.shape for k, t in without_scales(tensors, encoding).items()}
     described = variant_name(cfg) + (f" ({job.expert})" if job.expert else "")
     deltas, reports = prepare_loras(entries, shapes, model_description=described)
     return deltas, [r.summary() for r in reports], entries

@@ -127,12 +127,22 @@ class Encoding:
         return f"{self.weight_kind} {self.granularity}" if self.quantized else "float (not quantized)"
 
     @property
+    def scale_keys(self) -> frozenset[str]:
+        """The tensors that describe the quantization, not the model: every layer's scales and the marker."""
+        return frozenset({MARKER} | {f"{layer}.{n}" for layer in self.layers for n in SCALE_NAMES})
+
+    @property
     def unusual_layers(self) -> tuple[str, ...]:
         """Quantized layers that released files keep in high precision (accepted, worth a notice)."""
         return tuple(layer for layer in self.layers if not quantized_in_releases(f"{layer}.weight"))
 
 
 FLOAT = Encoding("float")
+
+
+def without_scales(tensors: dict[str, torch.Tensor], encoding: Encoding) -> dict[str, torch.Tensor]:
+    """The model's own tensors (a quantized weight has its float shape): scales and marker left out."""
+    return {k: t for k, t in tensors.items() if k not in encoding.scale_keys}
 
 
 # The same for LightX2V's quantized umT5 and CLIP files (official names; CLIP also without ``visual.``).
@@ -381,12 +391,9 @@ def dequantize(
     dequantized to float32 instead of ``dtype`` (the model keeps them in float32).
     """
     scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
-    dropped = {MARKER} | {f"{layer}.{n}" for layer in encoding.layers for n in SCALE_NAMES}
     mappings = FileMappings()
     result = {}
-    for key, tensor in tensors.items():
-        if key in dropped:
-            continue
+    for key, tensor in without_scales(tensors, encoding).items():
         layer = key.removesuffix(".weight")
         if layer in keep_quantized:
             result[f"{layer}.weight_scale"] = per_channel_scale(tensors[scales[key]], tensor.shape[0])

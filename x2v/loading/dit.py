@@ -11,12 +11,11 @@ from x2v.errors import CheckpointError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
 from x2v.formats.keys import summarize_keys
-from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.lora import (
     apply_loras, describe_model, entries_for_expert, merge_deltas, prepare_loras, target_shapes,
 )
-from x2v.loading.quantized import prepare_quantized
+from x2v.loading.quantized import prepare_quantized, read_quantization
 from x2v.loading.resolve import resolve_dit
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
@@ -96,9 +95,7 @@ def load_dit(
     source = str(checkpoint)
     tensors = to_official(read_checkpoint(checkpoint))
     config = architecture or detect_architecture(checkpoint, tensors)
-    encoding = detect_encoding(tensors, source)
-    check_scheme(encoding, quant_scheme, dit_quantized, source)
-    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)  # a float file declared quantized
+    encoding, quantize_kind = read_quantization(tensors, source, "dit", dit_quantized, quant_scheme)
     if encoding.quantized:
         dtype = dtype or torch.bfloat16
         log.info("%s: %s weights (%s), run quantized with %s compute.", source, encoding.family, encoding.name, dtype)

@@ -10,9 +10,9 @@ import torch
 
 from x2v.errors import CheckpointError
 from x2v.formats.clip_keys import OFFICIAL_PREFIX, infer_config, to_official
-from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
+from x2v.formats.quant import scheme_kind
 from x2v.formats.readers import read_checkpoint
-from x2v.loading.quantized import prepare_quantized
+from x2v.loading.quantized import prepare_quantized, read_quantization
 from x2v.loading.resolve import one_candidate
 from x2v.formats.keys import summarize_keys
 from x2v.loading.weights import assign_weights, build_on_meta
@@ -97,11 +97,9 @@ def load_image_encoder(
             f"{path}: not a usable CLIP image encoder checkpoint: {e}. Found: {summarize_keys(raw)}."
         ) from None
     tensors = tower_tensors(official, config)
-    encoding = detect_encoding(tensors, str(path))
-    check_scheme(encoding, quant_scheme, quantized, str(path), component="clip")
+    encoding, quantize_kind = read_quantization(tensors, str(path), "clip", quantized, quant_scheme)
     dtype = dtype or official[OFFICIAL_PREFIX + "patch_embedding.weight"].dtype
     model = build_on_meta(lambda: ClipVisionTower(config))
-    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)
     tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="clip", dtype=dtype,
                                 device=device, keep_fp32=KEEP_FP32)
     return assign_weights(model, tensors, dtype=dtype, device=device, keep_fp32=KEEP_FP32, source=str(path),

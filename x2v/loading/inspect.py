@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from x2v.errors import X2VError
-from x2v.formats.quant import MARKER, SCALE_NAMES, Encoding
+from x2v.formats.quant import Encoding, without_scales
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.resolve import Found, resolve_component, resolve_dit
 from x2v.loading.weights import build_on_meta, target_dtype, weight_problems
@@ -82,14 +82,14 @@ def inspect_dit(report: ComponentReport, tensors: dict, dtype: torch.dtype, conf
     if converted:
         report.facts["converted_by_x2v"] = converted
     official = to_official(tensors)
-    encoding = quantization_of(official, report, config, "dit")
+    quantization = quantization_of(official, report, config, "dit")
     arch = detect_architecture(report.found.path, official)
     report.facts["variant"] = variant_name(arch)
     report.facts["architecture"] = {k: getattr(arch, k) for k in (
         "model_type", "dim", "num_layers", "num_heads", "ffn_dim", "in_dim", "out_dim", "image_branch", "vace_layers")}
     report.facts["tasks"] = supported_tasks(arch)
     model = build_on_meta(lambda: WanDiT(arch))
-    fit_and_memory(report, model, official, encoding, config, "dit", dtype, FP32_PARAMS, "DiT")
+    fit_and_memory(report, model, official, *quantization, "dit", dtype, FP32_PARAMS, "DiT")
 
 
 def converter_record(path: Path) -> dict[str, str]:
@@ -101,34 +101,31 @@ def converter_record(path: Path) -> dict[str, str]:
     return from_metadata(checkpoint_metadata(path))
 
 
-def quantization_of(tensors: dict, report: ComponentReport, config: dict, component: str) -> Encoding:
-    """The weight encoding read from the tensors, checked against the declared ``<component>_quant_scheme``;
-    described in ``report.facts["quantization"]``."""
-    from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
+def quantization_of(tensors: dict, report: ComponentReport, config: dict, component: str
+                    ) -> tuple[Encoding, str | None]:
+    """``read_quantization`` with the config's ``<component>_quantized`` / ``_quant_scheme``, described in
+    ``report.facts["quantization"]``."""
+    from x2v.loading.quantized import read_quantization
 
-    encoding = detect_encoding(tensors, str(report.found.path))
-    scheme = config.get(f"{component}_quant_scheme")
-    check_scheme(encoding, scheme, config.get(f"{component}_quantized"), str(report.found.path), component)
-    kind = scheme_kind(scheme)
+    encoding, kind = read_quantization(tensors, str(report.found.path), component,
+                                       config.get(f"{component}_quantized"), config.get(f"{component}_quant_scheme"))
     if encoding.quantized:
         report.facts["quantization"] = f"{encoding.name} ({encoding.family}; linear layers run 8-bit)"
     else:
         report.facts["quantization"] = f"none; quantized to {kind} at load ({component}_quant_scheme)" if kind \
             else "none"
-    return encoding
+    return encoding, kind
 
 
-def fit_and_memory(report: ComponentReport, model: torch.nn.Module, tensors: dict, encoding: Encoding, config: dict,
-                   component: str, dtype: torch.dtype, keep_fp32: tuple[str, ...], what: str) -> None:
+def fit_and_memory(report: ComponentReport, model: torch.nn.Module, tensors: dict, encoding: Encoding,
+                   quantize_kind: str | None, component: str, dtype: torch.dtype, keep_fp32: tuple[str, ...],
+                   what: str) -> None:
     """Problems of ``tensors`` against the meta ``model``, then the memory it takes as loaded (8-bit layers
     counted as such)."""
-    from x2v.formats.quant import scheme_kind
     from x2v.loading.quantized import quantized_linears
     from x2v.ops.quant_linear import replace_linears
 
-    weights = {k: v for k, v in tensors.items() if k != MARKER and k.rpartition(".")[2] not in SCALE_NAMES}
-    report.problems += weight_problems(model.state_dict(), weights, what)
-    quantize_kind = None if encoding.quantized else scheme_kind(config.get(f"{component}_quant_scheme"))
+    report.problems += weight_problems(model.state_dict(), without_scales(tensors, encoding), what)
     layers, kind = quantized_linears(model, tensors, encoding, quantize_kind, component, keep_fp32)
     replace_linears(model, layers, kind, dtype)
     report.facts[f"memory_{str(dtype).removeprefix('torch.')}"] = memory_at(model, dtype, keep_fp32)
@@ -142,9 +139,9 @@ def inspect_t5(report: ComponentReport, tensors: dict, dtype: torch.dtype, confi
     official = to_official(tensors, str(report.found.path))
     arch = infer_config(official, str(report.found.path))
     report.facts["architecture"] = arch.__dict__
-    encoding = quantization_of(official, report, config, "t5")
+    quantization = quantization_of(official, report, config, "t5")
     model = build_on_meta(lambda: T5Encoder(arch))
-    fit_and_memory(report, model, official, encoding, config, "t5", dtype, (), "umT5 encoder")
+    fit_and_memory(report, model, official, *quantization, "t5", dtype, (), "umT5 encoder")
 
 
 def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:
@@ -158,9 +155,9 @@ def inspect_clip(report: ComponentReport, tensors: dict, dtype: torch.dtype, con
     arch = infer_config(official)
     report.facts["architecture"] = arch.__dict__
     tensors = tower_tensors(official, arch)
-    encoding = quantization_of(tensors, report, config, "clip")
+    quantization = quantization_of(tensors, report, config, "clip")
     model = build_on_meta(lambda: ClipVisionTower(arch))
-    fit_and_memory(report, model, tensors, encoding, config, "clip", dtype, KEEP_FP32, "CLIP vision tower")
+    fit_and_memory(report, model, tensors, *quantization, "clip", dtype, KEEP_FP32, "CLIP vision tower")
 
 
 def inspect_vae(report: ComponentReport, tensors: dict, dtype: torch.dtype, config: dict) -> None:

@@ -7,8 +7,20 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from x2v.formats.quant import QUANT_DTYPES, Encoding, dequantize, quantize_layers, quantized_in_releases
+from x2v.formats.quant import (
+    QUANT_DTYPES, Encoding, check_scheme, dequantize, detect_encoding, quantize_layers, quantized_in_releases,
+    scheme_kind,
+)
 from x2v.ops.quant_linear import replace_linears
+
+
+def read_quantization(tensors: dict[str, torch.Tensor], source: str, component: str, quantized: bool | None,
+                      scheme: str | None) -> tuple[Encoding, str | None]:
+    """The file's encoding, checked against the declared ``<component>_quantized`` / ``_quant_scheme``, and the
+    kind ("int8" / "fp8") a float file declared quantized is quantized to at load (None: it stays float)."""
+    encoding = detect_encoding(tensors, source)
+    check_scheme(encoding, scheme, quantized, source, component)
+    return encoding, None if encoding.quantized else scheme_kind(scheme)
 
 
 def quantized_linears(

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from x2v.errors import CheckpointError
-from x2v.formats.quant import check_scheme, detect_encoding, scheme_kind
+from x2v.formats.quant import scheme_kind
 from x2v.formats.readers import read_checkpoint
 from x2v.formats.t5_keys import infer_config, to_official
 from x2v.formats.tokenizer import WanTokenizer
-from x2v.loading.quantized import prepare_quantized
+from x2v.loading.quantized import prepare_quantized, read_quantization
 from x2v.loading.resolve import one_candidate
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.t5 import T5Encoder
@@ -76,12 +76,10 @@ def load_text_encoder(
     file = find_t5_checkpoint(path, scheme_kind(quant_scheme) if quantized else None) if path.is_dir() else path
     source = str(file)
     tensors = to_official(read_checkpoint(file), source)
-    encoding = detect_encoding(tensors, source)
-    check_scheme(encoding, quant_scheme, quantized, source, component="t5")
+    encoding, quantize_kind = read_quantization(tensors, source, "t5", quantized, quant_scheme)
     config = infer_config(tensors, source)
     dtype = dtype or tensors["token_embedding.weight"].dtype
     model = build_on_meta(lambda: T5Encoder(config))
-    quantize_kind = None if encoding.quantized else scheme_kind(quant_scheme)
     tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="t5", dtype=dtype,
                                 device=device)
     return assign_weights(model, tensors, dtype=dtype, device=device, source=source, what="umT5 encoder")

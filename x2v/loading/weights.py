@@ -14,9 +14,10 @@ from torch import nn
 
 from x2v.errors import CheckpointError
 from x2v.formats.keys import summarize_keys
+from x2v.formats.quant import QUANT_DTYPES
 from x2v.formats.readers import FileMappings, read_pages, release_pages
 
-QUANT_STORAGE = (torch.int8, torch.float8_e4m3fn)  # storage of quantized layers: never cast
+QUANT_STORAGE = tuple(QUANT_DTYPES.values())  # storage of quantized layers: never cast
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:

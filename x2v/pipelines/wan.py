@@ -104,12 +104,12 @@ def peak_memory(device: torch.device) -> int:
 
 class Pipeline:
     def __init__(self, *, model_cls: str, task: str, settings: dict, components: dict, device: torch.device,
-                 dtype: torch.dtype, load_seconds: float = 0.0):
+                 dtype: torch.dtype, offload: OffloadConfig, load_seconds: float = 0.0):
         self.model_cls, self.task, self.settings = model_cls, task, settings
         self.tokenizer, self.text_encoder = components["tokenizer"], components["t5"]
         self.dits, self.vae, self.clip = components["dits"], components["vae"], components.get("clip")
         self.device, self.dtype, self.load_seconds = device, dtype, load_seconds
-        self.offload = DiTOffload(self.dits, device, OffloadConfig.from_settings(settings))
+        self.offload = DiTOffload(self.dits, device, offload)
 
     @classmethod
     def from_pretrained(cls, model_path: str | Path, model_cls: str | None = None, task: str | None = None, *,
@@ -162,7 +162,7 @@ class Pipeline:
                                                         quant_scheme=raw.get("clip_quant_scheme"))
         offload_encoders(components, device, offload)
         return cls(model_cls=model_cls, task=task, settings=settings, components=components, device=device,
-                   dtype=dtype, load_seconds=time.perf_counter() - start)
+                   dtype=dtype, offload=offload, load_seconds=time.perf_counter() - start)
 
     # --- LoRAs ------------------------------------------------------------------------------------------------
 
