@@ -229,6 +229,24 @@ def test_quantized_t5_file(tmp_path, kind):
     assert relative_l2(got.float(), want.float()) <= ENCODER_BOUND[kind]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_encoder_schemes_take_the_bare_kind(tmp_path, kind):
+    """LightX2V's t5_quant_scheme list has plain "int8" / "fp8"; dit_quant_scheme does not (refused there)."""
+    from x2v.errors import CheckpointError
+    from x2v.formats.quant import FLOAT, check_scheme
+
+    tensors = t5_state_dict(tiny_hf_encoder(**TINY_CONFIGS[0]))
+    write_pth(tmp_path / OFFICIAL_T5_NAME, tensors)
+    write_pth(tmp_path / OFFICIAL_T5_NAME.replace("bf16", kind), quantize_release_layers(tensors, "t5", kind))
+    settings = {"t5_quantized": True, "t5_quant_scheme": kind}
+    found = resolve_component("t5", tmp_path, settings).path
+    assert found.name == f"models_t5_umt5-xxl-enc-{kind}.pth"
+    model = load_text_encoder(found, quantized=True, quant_scheme=kind)
+    assert isinstance(model.blocks[0].attn.q, QuantLinear) and model.blocks[0].attn.q.kind == kind
+    with pytest.raises(CheckpointError, match=f"unknown dit_quant_scheme '{kind}'"):
+        check_scheme(FLOAT, kind, True, "f")
+
+
 def test_comfy_scaled_fp8_umt5_with_hf_names(tmp_path):
     from safetensors.torch import save_file
 

@@ -76,6 +76,15 @@ SCHEME_FAMILIES: dict[str, tuple[str, str] | None] = {
     "int8-iluvatar": ("int8", PER_CHANNEL),
 }
 
+# t5_quant_scheme / clip_quant_scheme also take the bare kind (LightX2V lists "int8" and "fp8" for umT5).
+ENCODER_SCHEMES = {"int8": ("int8", PER_CHANNEL), "fp8": ("fp8", PER_CHANNEL)}
+
+
+def scheme_families(component: str) -> dict[str, tuple[str, str] | None]:
+    """The scheme names ``<component>_quant_scheme`` takes (component dit, t5 or clip) -> their families."""
+    return SCHEME_FAMILIES if component == "dit" else {**SCHEME_FAMILIES, **ENCODER_SCHEMES}
+
+
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_S", "Q5_K_M", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q4_0", "Q4_1", "Q3_K_S",
               "Q3_K_M", "BF16")
 
@@ -322,17 +331,18 @@ def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: boo
     with fp8-vllm): a per-tensor scale is a per-channel scale repeated. fp8-pertensor accepts per-tensor only.
     """
     holds, fix = _holds(encoding), _fix(encoding, component)
+    families = scheme_families(component)
     scheme = LEGACY_SCHEMES.get(declared_scheme, declared_scheme)
     if scheme in UNSUPPORTED_SCHEMES:
         raise UnsupportedModelError(
             f"{source}: {component}_quant_scheme '{declared_scheme}' ({UNSUPPORTED_SCHEMES[scheme]}) is recognized "
-            f"but not supported yet by x2v. Supported: {', '.join(SCHEME_FAMILIES)} (and their legacy long names). "
+            f"but not supported yet by x2v. Supported: {', '.join(families)} (and their legacy long names). "
             f"As {holds}: {fix}."
         )
-    if scheme is not None and scheme not in SCHEME_FAMILIES:
+    if scheme is not None and scheme not in families:
         raise CheckpointError(
             f"{source}: unknown {component}_quant_scheme '{declared_scheme}'. Expected one of: "
-            f"{', '.join(SCHEME_FAMILIES)} (or their legacy long names). As {holds}: {fix}."
+            f"{', '.join(families)} (or their legacy long names). As {holds}: {fix}."
         )
     scheme_quantized = None if scheme is None else scheme != "Default"
     if quantized is not None and scheme_quantized is not None and quantized != scheme_quantized:
@@ -344,7 +354,7 @@ def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: boo
     if declared_quantized is None:
         return
     if declared_quantized and not encoding.quantized:
-        if scheme_kind(scheme) is None:
+        if scheme_kind(scheme, component) is None:
             raise CheckpointError(
                 f"{source}: {component}_quantized is true but {holds} and no {component}_quant_scheme says how to "
                 f"quantize it. Set {component}_quant_scheme to an fp8 scheme (fp8-vllm) or an int8 one (int8-vllm) to "
@@ -356,7 +366,7 @@ def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: boo
             f"{source}: declared not quantized ({component}_quantized false / {component}_quant_scheme Default) but "
             f"{holds}: {fix}."
         )
-    family = SCHEME_FAMILIES.get(scheme)
+    family = families.get(scheme)
     if family is not None and not _accepts(family, encoding):
         raise CheckpointError(
             f"{source}: {component}_quant_scheme '{declared_scheme}' expects {' '.join(family)} weights, but "
@@ -443,9 +453,10 @@ QMAX = {"int8": 127.0, "fp8": 448.0}  # symmetric range of each weight kind
 MIN_AMAX = 1e-5  # LightX2V's floor for an all-zero row
 
 
-def scheme_kind(scheme: str | None) -> str | None:
-    """``"int8"`` / ``"fp8"`` for a per-channel dit_quant_scheme (legacy names too), None for Default/None."""
-    family = SCHEME_FAMILIES.get(LEGACY_SCHEMES.get(scheme, scheme)) if scheme else None
+def scheme_kind(scheme: str | None, component: str = "dit") -> str | None:
+    """``"int8"`` / ``"fp8"`` for a per-channel ``<component>_quant_scheme`` (legacy names too), None for
+    Default/None/unknown."""
+    family = scheme_families(component).get(LEGACY_SCHEMES.get(scheme, scheme)) if scheme else None
     return family[0] if family else None
 
 

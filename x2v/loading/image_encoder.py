@@ -85,7 +85,7 @@ def load_image_encoder(
     """
     path = Path(path)
     if path.is_dir():
-        path = find_image_encoder_checkpoint(path, scheme_kind(quant_scheme) if quantized else None)
+        path = find_image_encoder_checkpoint(path, scheme_kind(quant_scheme, "clip") if quantized else None)
     elif not path.is_file():
         raise CheckpointError(f"{path}: no such file or directory (expected a model directory or a CLIP checkpoint).")
     raw = read_checkpoint(path)

@@ -20,7 +20,7 @@ def read_quantization(tensors: dict[str, torch.Tensor], source: str, component: 
     kind ("int8" / "fp8") a float file declared quantized is quantized to at load (None: it stays float)."""
     encoding = detect_encoding(tensors, source)
     check_scheme(encoding, scheme, quantized, source, component)
-    return encoding, None if encoding.quantized else scheme_kind(scheme)
+    return encoding, None if encoding.quantized else scheme_kind(scheme, component)
 
 
 def quantized_linears(

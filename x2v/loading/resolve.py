@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from x2v.errors import CheckpointError
+from x2v.formats.quant import scheme_kind
 from x2v.formats.readers import read_safetensors_header, safetensors_metadata
 
 EXPERTS = ("high_noise_model", "low_noise_model")
@@ -214,7 +215,6 @@ def resolve_component(name: str, model_path: str | Path, config: dict | None = N
         model_path = model_path.parent  # a single DiT file: its companions lie beside it
     module, function = finder.rsplit(".", 1)
     find = getattr(importlib.import_module(f"x2v.loading.{module}"), function)
-    if flag and config.get(flag) and config.get(f"{name}_quant_scheme"):
-        # LightX2V's quantized file names carry the scheme's kind: models_t5_umt5-xxl-enc-fp8.pth
-        return Found(find(model_path, config[f"{name}_quant_scheme"].split("-")[0]), f"found in {model_path}")
-    return Found(find(model_path), f"found in {model_path}")
+    # LightX2V's quantized file names carry the scheme's kind: models_t5_umt5-xxl-enc-fp8.pth
+    kind = scheme_kind(config.get(f"{name}_quant_scheme"), name) if flag and config.get(flag) else None
+    return Found(find(model_path, kind) if kind else find(model_path), f"found in {model_path}")

@@ -73,7 +73,7 @@ def load_text_encoder(
         raise CheckpointError(
             f"{path}: not found. Pass a Wan model directory or the umT5 checkpoint file (config key t5_original_ckpt)."
         )
-    file = find_t5_checkpoint(path, scheme_kind(quant_scheme) if quantized else None) if path.is_dir() else path
+    file = find_t5_checkpoint(path, scheme_kind(quant_scheme, "t5") if quantized else None) if path.is_dir() else path
     source = str(file)
     tensors = to_official(read_checkpoint(file), source)
     encoding, quantize_kind = read_quantization(tensors, source, "t5", quantized, quant_scheme)
