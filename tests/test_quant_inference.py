@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ckpt_utils import write_pth
 from test_clip import hf_model, image, official_dir  # noqa: F401  (module fixtures)
 from test_dit import RELEASES, VARIANTS, diffusers_dit, make_inputs, official_state_dict, write_official_dir
-from test_quant_loading import FORMATS, converter_quantizes, relative_l2, write_format
+from test_quant_loading import FORMATS, converter_quantizes, quantize, relative_l2, write_format
 from test_t5 import TINY_CONFIGS, padded_batch, tiny_hf_encoder
 from test_t5 import official_state_dict as t5_state_dict
 from x2v.formats.quant import dequantize_weight, quantize_weight, quantized_in_releases
@@ -185,16 +185,13 @@ def test_resident_memory_of_a_quantized_14b_dit(release):
 
 # --- umT5 and CLIP ----------------------------------------------------------------------------------------------
 
-def quantize_release_layers(tensors, component, kind, scale_name="weight_scale"):
-    """LightX2V's recipe for quantized T5/CLIP files, written out here: per channel, release layers only."""
+def quantize_release_layers(tensors, component, kind):
+    """LightX2V's recipe for quantized T5/CLIP files (``quantize`` of test_quant_loading): per channel, release
+    layers only."""
     out = {}
     for key, tensor in tensors.items():
         if quantized_in_releases(key, component):
-            amax = tensor.abs().amax(dim=1, keepdim=True).clamp(min=1e-5)
-            scale = amax / (127 if kind == "int8" else 448)
-            q = (tensor / scale).round().clamp(-128, 127).to(torch.int8) if kind == "int8" else \
-                (tensor / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
-            out[key], out[key.replace(".weight", f".{scale_name}")] = q, scale
+            out[key], out[key.replace(".weight", ".weight_scale")] = quantize(tensor, kind, per_channel=True)
         else:
             out[key] = tensor
     return out

@@ -15,15 +15,15 @@ from pathlib import Path
 import torch
 
 from x2v.convert.layouts import encoder_file
-from x2v.convert.options import ConversionError, ConversionResult, ConvertOptions
+from x2v.convert.options import DTYPES, ConversionError, ConversionResult, ConvertOptions
 from x2v.convert.plan import QUANTIZE, Producer, encoding_target, plan_items
 from x2v.formats import clip_keys, t5_keys
 from x2v.formats.quant import detect_encoding
 from x2v.formats.readers import read_checkpoint
-from x2v.formats.writers import fsync_directory, temp_path
+from x2v.formats.writers import publish, temp_path
 from x2v.loading.resolve import resolve_component
 
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 NAMES = {"t5": "umT5 text encoder", "clip": "CLIP image encoder"}
 
 
@@ -58,8 +58,7 @@ def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    os.replace(temp, path)
-    fsync_directory(path.parent)
+    publish([path])
 
 
 def convert_encoder(source: Path, output: Path, options: ConvertOptions) -> ConversionResult:

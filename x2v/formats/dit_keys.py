@@ -157,9 +157,12 @@ def infer_dit_config(tensors: dict[str, torch.Tensor], source: str = "checkpoint
     )
 
 
+RELEASE_SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}  # DiT width -> the release size it belongs to
+
+
 def variant_name(cfg: WanDiTConfig) -> str:
     """Human name of the release a config looks like, e.g. 'Wan2.1 T2V-1.3B'."""
-    size = {1536: "1.3B", 3072: "5B", 5120: "14B"}.get(cfg.dim, f"dim {cfg.dim}")
+    size = RELEASE_SIZES.get(cfg.dim, f"dim {cfg.dim}")
     if cfg.model_type == "ti2v":
         return f"Wan2.2 TI2V-{size}"
     if cfg.model_type == "i2v" and not cfg.image_branch:

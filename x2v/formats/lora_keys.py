@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from x2v.errors import CheckpointError, UnsupportedModelError
-from x2v.formats.dit_keys import official_key_to_diffusers
+from x2v.formats.dit_keys import RELEASE_SIZES, official_key_to_diffusers
 from x2v.formats.keys import summarize_keys
 
 UP, DOWN, ALPHA, DIFF = "up", "down", "alpha", "diff"
@@ -241,7 +241,6 @@ def describe_skipped(skipped: dict[str, list[str]]) -> list[str]:
     return [f"skipped {len(keys)}: {reason}: {summarize_keys(keys, limit=6)}" for reason, keys in skipped.items()]
 
 
-SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}
 WIDTH_KEYS = re.compile(r"^blocks\.\d+\.(?:self_attn\.[qkvo]\.weight|norm3\.weight|modulation)$")
 
 
@@ -259,7 +258,7 @@ def guess_variant(targets: dict[str, LoraTarget]) -> str:
     if width is None:
         return "unknown (no block attention weight or norm to read the model width from)"
     blocks = 1 + max((int(m[2]) for k in targets if (m := BLOCK.match(k)) and m[1] == "blocks"), default=-1)
-    size = SIZES.get(width)
+    size = RELEASE_SIZES.get(width)
     if FLF2V_ONLY in targets:
         family = "Wan2.1 FLF2V"
     elif any(IMAGE_BRANCH.search(k) for k in targets):
