@@ -237,14 +237,15 @@ class Pipeline:
                 result.path = write_mp4(result.frames, path, result.fps)
         return result
 
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """VAE latents of ``video`` [B, 3, F, H, W] (tiled with ``use_tiling_vae``)."""
-        return self.vae.encode(video.to(self.device), tiled=bool(self.settings.get("use_tiling_vae")))
+    def encode(self, video: torch.Tensor, tiled: bool) -> torch.Tensor:
+        """VAE latents of ``video`` [B, 3, F, H, W] (``tiled``: the request's ``use_tiling_vae``)."""
+        return self.vae.encode(video.to(self.device), tiled=tiled)
 
     def prepare_inputs(self, s, frames, image, last_image, vace_sources, timings) -> dict:
         """Latent shape and the conditioning the DiT takes (``y``, ``clip_fea``, ``vace_context``, TI2V image)."""
         stride_t, stride_h, stride_w = self.vae.stride
         height, width = int(s["target_height"]), int(s["target_width"])
+        tiled = bool(s.get("use_tiling_vae"))
         inputs: dict = {}
         if self.task in ("i2v", "flf2v"):
             if image is None:
@@ -252,27 +253,28 @@ class Pipeline:
             if self.task == "flf2v" and last_image is None:
                 raise ValueError("task flf2v needs a last frame (last_image= / --last_frame_path)")
             with timed(timings, "image encode", self.device):
-                height, width = self.image_conditioning(inputs, frames, height * width, image, last_image)
+                height, width = self.image_conditioning(inputs, frames, height * width, image, last_image, tiled)
         elif self.task == "vace":
             with timed(timings, "video encode", self.device):
-                inputs.update(self.vace_inputs(frames, height, width, *vace_sources))
+                inputs.update(self.vace_inputs(frames, height, width, *vace_sources, tiled))
         latent_frames = (frames - 1) // stride_t + 1 + inputs.get("ref_frames", 0)
         inputs["shape"] = (1, self.vae.z_dim, latent_frames, height // stride_h, width // stride_w)
         return inputs
 
-    def image_conditioning(self, inputs: dict, frames: int, area: int, image, last_image) -> tuple[int, int]:
+    def image_conditioning(self, inputs: dict, frames: int, area: int, image, last_image, tiled: bool
+                           ) -> tuple[int, int]:
         """Fill ``inputs`` from the first (and last) frame; returns the output (height, width) they imply."""
         first = load_image(image)
         if self.model_cls == "wan2.2":  # TI2V-5B: the image becomes latent frame 0
             width, height = cond.ti2v_size(first.shape[2], first.shape[1], area)
             picture = cond.resize_cover_crop(first, height, width)
-            inputs["first_latent"] = self.encode(picture[None, :, None])
+            inputs["first_latent"] = self.encode(picture[None, :, None], tiled)
             return height, width
         # Wan2.1 I2V / FLF2V, Wan2.2 I2V-A14B: mask + conditioning latent on the channels, CLIP tokens (Wan2.1)
         stride = self.vae.stride[1]
         last = load_image(last_image) if last_image is not None else None
         height, width = cond.i2v_size(first.shape[1], first.shape[2], area, stride)
-        latent = self.encode(cond.conditioning_video(first, frames, height, width, last)[None])
+        latent = self.encode(cond.conditioning_video(first, frames, height, width, last)[None], tiled)
         mask = cond.i2v_mask(frames, height // stride, width // stride, last is not None)
         inputs["y"] = torch.cat([mask[None].to(self.device), latent], dim=1)
         if self.clip is not None:
@@ -280,7 +282,7 @@ class Pipeline:
             inputs["clip_fea"] = torch.cat([self.clip(p[None].to(self.device)) for p in pictures], dim=1)
         return height, width
 
-    def vace_inputs(self, frames, height, width, src_video, src_mask, ref_images) -> dict:
+    def vace_inputs(self, frames, height, width, src_video, src_mask, ref_images, tiled: bool) -> dict:
         """VACE context: [VAE(video*(1-mask)) 16, VAE(video*mask) 16, folded mask 64]. Without a source video
         everything is generated (grey video, all-ones mask). Reference images go in front as extra latent
         frames: [VAE(image), zeros] with a zero mask."""
@@ -289,14 +291,14 @@ class Pipeline:
         if video.shape[1:] != (frames, height, width) or mask.shape != (frames, height, width):
             raise ValueError(f"VACE src_video must be [3, {frames}, {height}, {width}] and src_mask "
                              f"[{frames}, {height}, {width}], got {list(video.shape)} and {list(mask.shape)}")
-        inactive = self.encode((video * (1 - mask))[None])
-        reactive = self.encode((video * mask)[None])
+        inactive = self.encode((video * (1 - mask))[None], tiled)
+        reactive = self.encode((video * mask)[None], tiled)
         context = torch.cat([inactive, reactive, cond.fold_vace_mask(mask, inactive.shape[2], self.vae.stride[1])[None]
                              .to(self.device)], dim=1)
         refs = []
         for ref in ref_images:
             picture = cond.fit_on_white(load_image(ref), height, width)
-            latent = self.encode(picture[None, :, None])
+            latent = self.encode(picture[None, :, None], tiled)
             refs.append(torch.cat([latent, torch.zeros_like(latent), context.new_zeros(1, 64, *latent.shape[2:])], 1))
         return {"vace_context": torch.cat([*refs, context], dim=2), "ref_frames": len(refs)}
 
