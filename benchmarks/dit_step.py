@@ -3,8 +3,10 @@
     python benchmarks/dit_step.py                      # 1.3B and 14B, 480P 81 frames (32,760 tokens), bf16
     python benchmarks/dit_step.py --sizes tiny --device cpu --frames 5 --height 64 --width 64   # smoke test
 
-With ``--quant fp8 int8`` (the default on a GPU) x2v also runs the same weights quantized per output channel
-(as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), 8-bit matmuls where the card has them.
+``--variants`` picks the x2v configurations (default: bf16, and on a GPU fp8 and int8: the same weights quantized
+per output channel, as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), e.g.
+``--variants bf16 bf16-unfused bf16-compiled fp8 fp8-sage_attn2``; ``--attention-check sage_attn2`` also times the
+attention kernels alone with their accuracy.
 
 Weights are random (the timing does not depend on them). Both models share the same weight tensors
 (x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
@@ -13,10 +15,12 @@ Weights are random (the timing does not depend on them). Both models share the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +32,8 @@ from x2v.formats.quant import FLOAT  # noqa: E402
 from x2v.loading.quantized import prepare_quantized  # noqa: E402
 from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
+from x2v.ops.attention import TORCH_SDPA, attention, kernel  # noqa: E402
+from x2v.ops.fused import unfused  # noqa: E402
 from x2v.pipelines.wan import compile_blocks  # noqa: E402
 
 SIZES = {
@@ -60,6 +66,12 @@ def diffusers_model(cfg: WanDiTConfig, dtype: torch.dtype, device: str):
         for name, p in model.named_parameters():
             if any(part in name.split(".") for part in model._keep_in_fp32_modules):
                 p.data = p.data.float()
+        # The RoPE tables are buffers computed at construction (not in checkpoints): to_empty left them
+        # uninitialised, so they are computed again, in float32 as diffusers keeps them.
+        rope = model.rope
+        fresh = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
+        for name, buffer in fresh.named_buffers():
+            setattr(rope, name, buffer.to(device, torch.float32))
     return model.eval()
 
 
@@ -93,6 +105,10 @@ def latent_input(args: argparse.Namespace, device: str) -> tuple[tuple[int, ...]
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
     print(f"input: {args.height}x{args.width}, {args.frames} frames -> latent {latent[1:]}, {tokens} tokens")
     return latent, tokens
+
+
+def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def timed_alternating(fns, warmup: int, iters: int, device: str) -> list[float]:
@@ -138,37 +154,114 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass
+class Variant:
+    """An x2v configuration to time: WEIGHTS[-OPTION...], e.g. ``bf16``, ``bf16-unfused``, ``fp8-sage_attn2``."""
+
+    name: str
+    weights: str  # the compute dtype's name, "fp8" or "int8"
+    attention: str = TORCH_SDPA
+    compiled: bool = False  # use_compile: blocks compiled whole
+    unfused: bool = False  # the norms op by op (what x2v did before they were fused), to show what fusing gains
+
+    @classmethod
+    def parse(cls, name: str, dtype_name: str) -> Variant:
+        weights, *options = name.split("-")
+        if weights not in (dtype_name, "fp8", "int8"):
+            raise SystemExit(f"variant {name!r}: weights must be {dtype_name}, fp8 or int8")
+        variant = cls(name, weights)
+        for option in options:
+            if option in ("compiled", "unfused"):
+                setattr(variant, option, True)
+            else:
+                kernel(option)  # an attention type: unknown ones fail here
+                variant.attention = option
+        return variant
+
+    def runner(self, model: WanDiT):
+        def run(x, t, context):
+            model.set_attention(self.attention, self.attention, self.attention)  # models are shared by variants
+            with unfused() if self.unfused else contextlib.nullcontext():
+                return model(x, t, context)
+        return run
+
+
+def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device: str, iters: int) -> list[dict]:
+    """Each attention type on random q/k/v of the self-attention's shape: seconds per call and relative L2 to
+    float32 SDPA (the 8-bit kernels' accuracy). On a GPU also each of torch SDPA's own kernels, to see whether
+    torch picks the fastest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device).manual_seed(2)
+    q, k, v = (torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, generator=g, device=device, dtype=torch.bfloat16)
+               for _ in range(3))
+    calls = {b: lambda b=b: attention(q, k, v, b) for b in backends}
+    if device.startswith("cuda"):
+        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            def forced(backend=getattr(SDPBackend, name)):
+                with sdpa_kernel(backend):
+                    return attention(q, k, v)
+            calls[f"sdpa {name.split('_')[0].lower()}"] = forced
+    results = []
+    with torch.inference_mode():
+        want = attention(q.float(), k.float(), v.float())
+        for name, call in list(calls.items()):
+            try:
+                rel = relative_l2(call(), want)
+            except RuntimeError as e:  # a kernel this card or shape does not have
+                print(f"attention {name:>14}: not run ({str(e).splitlines()[0]})", flush=True)
+                del calls[name]
+                continue
+            results.append(dict(attention=name, tokens=tokens, rel_l2_to_fp32=rel))
+        seconds = timed_alternating(list(calls.values()), 1, iters, device)
+    flops = 4 * tokens * tokens * cfg.dim
+    for r, s in zip(results, seconds):
+        r.update(seconds=s, tflops=flops / s / 1e12)
+        print(f"attention {r['attention']:>14}: {s * 1e3:.1f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 to float32 "
+              f"SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_input_arguments(parser)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each after the accuracy run")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--quant", nargs="*", choices=["fp8", "int8"],
-                        default=["fp8", "int8"] if torch.cuda.is_available() else [],
-                        help="also time x2v with these 8-bit linear layers (default on a GPU: fp8 int8)")
-    parser.add_argument("--attention", default="torch_sdpa",
-                        help="x2v's attention type (LightX2V's self_attn_1_type values, e.g. flash_attn3, sage_attn2)")
-    parser.add_argument("--compile", action="store_true", help="x2v with use_compile (compiled blocks)")
+    parser.add_argument("--variants", nargs="+", metavar="VARIANT",
+                        help="x2v configurations next to diffusers: WEIGHTS[-OPTION...] with WEIGHTS the dtype "
+                             "(bf16), fp8 or int8, and options 'compiled' (use_compile), 'unfused' (norms op by op) "
+                             "or an attention type (sage_attn2, flash_attn3 ...). Default: bf16, and fp8 int8 on a GPU")
+    parser.add_argument("--attention-check", nargs="*", metavar="TYPE",
+                        help="also time these attention types alone (torch_sdpa always) at the self-attention's "
+                             "shape, with their accuracy against float32")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
-                        help="print the top operators of one forward of each (default 18 rows)")
+                        help="print the top operators of one forward of diffusers and the first variant")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
+    default = [args.dtype] + (["fp8", "int8"] if device.startswith("cuda") else [])
+    variants = [Variant.parse(name, args.dtype) for name in args.variants or default]
 
     latent, tokens = latent_input(args, device)
     results = []
     for size in args.sizes:
         cfg = SIZES[size]
+        if args.attention_check is not None:
+            results += attention_check([TORCH_SDPA, *args.attention_check], cfg, tokens, device, args.iters)
         reference = diffusers_model(cfg, dtype, device)
         models = {"diffusers": lambda x, t, c: reference(x, t, c, return_dict=False)[0]}
-        for quant in [None, *args.quant]:
-            model = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
-            model.set_attention(args.attention, args.attention, args.attention)
-            if args.compile:
-                compile_blocks(model, device)
-            models[f"x2v {quant or args.dtype}"] = model
+        shared: dict[str, WanDiT] = {}  # one model per weight kind for the variants that do not compile
+        for variant in variants:
+            quant = None if variant.weights == args.dtype else variant.weights
+            if variant.compiled or variant.weights not in shared:
+                model = x2v_model(cfg, reference.state_dict(), dtype, device, quant)
+                if variant.compiled:
+                    compile_blocks(model, device)
+                else:
+                    shared[variant.weights] = model
+            models[f"x2v {variant.name}"] = variant.runner(model if variant.compiled else shared[variant.weights])
         g = torch.Generator(device).manual_seed(1)
         x = torch.randn(latent, generator=g, device=device, dtype=dtype)
         context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
@@ -176,14 +269,23 @@ def main() -> None:
 
         with torch.inference_mode():
             ref_out = models["diffusers"](x, t, context).float()
-            rel = {}
-            for name, model in list(models.items())[1:]:
-                rel[name] = ((model(x, t, context) - ref_out).norm() / ref_out.norm()).item()
-            del ref_out
+            rel, first = {}, None
+            for name, model in list(models.items())[1:]:  # also the first (compiling) run of each
+                try:
+                    out = model(x, t, context).float()
+                except Exception as e:  # noqa: BLE001 - one failing variant must not cost the others' figures
+                    print(f"{size} {name}: FAILED, not timed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    del models[name]
+                    continue
+                rel[name] = relative_l2(out, ref_out)
+                first = out if first is None else first
+                print(f"{size} {name}: rel. L2 to diffusers {rel[name]:.1e}, to {list(models)[1]} "
+                      f"{relative_l2(out, first):.1e}", flush=True)
+            ref_out = out = first = None  # freed before timing
             runs = [lambda m=m: m(x, t, context) for m in models.values()]
             times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device)))
             if args.profile:
-                for name, run in zip(models, runs):
+                for name, run in list(zip(models, runs))[:2]:
                     profile(name, run, args.profile)
         flops = forward_flops(cfg, tokens)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
@@ -197,13 +299,13 @@ def main() -> None:
                 line.append(f"{name} {seconds:.3f} s ({ratio:.3f}x, {flops / seconds / 1e12:.0f} TFLOP/s, "
                             f"rel. L2 {rel[name]:.1e})")
         print(" | ".join(line), flush=True)
-        del reference, models, runs, x, context
+        del reference, models, runs, shared, x, context
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
-    assert all(math.isfinite(r["rel_diff_to_diffusers"]) for r in results)
+        if args.json:  # after each size: a run cut short still leaves what it measured
+            args.json.write_text(json.dumps(results, indent=2))
+    assert all(math.isfinite(r.get("rel_diff_to_diffusers", 0.0)) for r in results)
 
 
 if __name__ == "__main__":

@@ -133,21 +133,26 @@ def main() -> None:
         for weights in args.weights:
             quant = None if weights == "bf16" else weights
             runs = x2v_runs(cfg, reference.state_dict(), dtype, device, quant)
-            results += measure(f"{size} x2v {weights}", runs, inputs, device, args.warmup, args.iters)
+            report(measure(f"{size} x2v {weights}", runs, inputs, device, args.warmup, args.iters), results, args)
             del runs
             gc.collect()  # an offloaded model and its forward wrapper refer to each other
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
         if not args.no_diffusers:
-            results += diffusers_runs(reference, inputs, device, args.warmup, args.iters, f"{size} diffusers bf16")
+            report(diffusers_runs(reference, inputs, device, args.warmup, args.iters, f"{size} diffusers bf16"),
+                   results, args)
         del reference
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
-        for r in results:
-            if r["model"].startswith(size):
-                diff = f"  max |diff| {r['max_diff']:.1e}" if "max_diff" in r else ""
-                print(f"{r['model']:>22} {r['mode']:>13}: {r['seconds']:.3f} s  {r['ratio']:.3f}x resident  "
-                      f"peak {r['peak_gib']:.2f} GiB{diff}", flush=True)
+
+
+def report(new: list[dict], results: list[dict], args: argparse.Namespace) -> None:
+    """Print ``new`` and save everything so far (a run cut short still leaves what it measured)."""
+    for r in new:
+        diff = f"  max |diff| {r['max_diff']:.1e}" if "max_diff" in r else ""
+        print(f"{r['model']:>22} {r['mode']:>13}: {r['seconds']:.3f} s  {r['ratio']:.3f}x resident  "
+              f"peak {r['peak_gib']:.2f} GiB{diff}", flush=True)
+    results += new
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -125,3 +125,55 @@ def test_compiled_quantized_blocks_trace_without_graph_breaks(t2v):
         assert explained.graph_break_count == 0
         torch.testing.assert_close(model.blocks[0](x, e0, text, None, rope),
                                    eager.blocks[0](x, e0, text, None, rope), rtol=2e-2, atol=2e-2)
+
+
+def test_fused_norms_compile_to_the_eager_results(t2v, monkeypatch, caplog):
+    """On GPUs the block's norms (with modulation, RoPE and the cast to the linear layers' dtype) run compiled,
+    one kernel each. The same wrapper is pointed at the CPU here (C++ instead of Triton): a bf16 DiT forward,
+    one timestep and per-token timesteps (Wan2.2 TI2V), equals the op-by-op forward up to bf16 rounding."""
+    from x2v.ops import fused
+
+    compiled = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or real_compile(fn, **kw))
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cpu",))
+    monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+    model = x2v.load_dit(t2v, dtype=torch.bfloat16)
+    x, t, context = inputs(model)
+    for timestep in (t, t.expand(1, 12)):  # 12 tokens: 2 x 2 x 3 patches
+        with torch.no_grad():
+            got = model(x, timestep, context)
+            with fused.unfused():
+                want = model(x, timestep, context)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+    assert {"layer_norm_to", "modulated_norm", "rms_norm_rope"} <= set(compiled)
+    assert not [r for r in caplog.records if "runs unfused" in r.message]  # the compiled path ran
+
+
+def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog):
+    from x2v.ops import fused
+
+    def refuse(fn, **kw):
+        raise RuntimeError("no working Triton here")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cpu",))
+    double = fused.fused_on_gpu(lambda x: x * 2)
+    with caplog.at_level(logging.WARNING):
+        assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))
+        monkeypatch.setattr(fused, "MIN_ELEMENTS", 0)
+        assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))
+        assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))
+    assert len([r for r in caplog.records if "runs unfused" in r.message]) == 1
+
+
+def test_rope_is_the_complex_rotation_of_channel_pairs():
+    """apply_rope's real arithmetic is the official complex multiply by e^{i*angle} (angles in float64)."""
+    from x2v.ops.rope import _rope_angles, apply_rope, rope_rotations
+
+    grid, d = (2, 3, 4), 24
+    x = torch.randn(1, 24, 2, d, generator=torch.Generator().manual_seed(6))
+    angles = _rope_angles(grid, d, 10000.0)
+    want = torch.view_as_real(torch.view_as_complex(x.double().unflatten(-1, (-1, 2)))
+                              * torch.polar(torch.ones_like(angles), angles)[:, None]).flatten(-2)
+    torch.testing.assert_close(apply_rope(x, rope_rotations(grid, d, x.device)), want.float(), rtol=1e-5, atol=1e-5)

@@ -108,6 +108,25 @@ def test_quantized_linear_matches_the_float_layer(kind, mode, device):
         assert relative_l2(out, reference) <= (LINEAR_BOUND[kind] if mode == "w8a8" else 1e-6)
 
 
+@pytest.mark.parametrize("bias_in_epilogue", (True, False))
+@pytest.mark.parametrize("kind", KINDS)
+def test_8bit_matmul_bias_in_the_epilogue_or_after(kind, bias_in_epilogue, monkeypatch):
+    """The bias goes into the 8-bit matmul's epilogue where the kernel takes one (fp8: probed per device; int8:
+    the compiled scaling), else it is added after: the same values up to the output's rounding."""
+    from x2v.ops import quant_linear
+
+    monkeypatch.setitem(quant_linear.SCALED_MM_ADDS_BIAS, "cpu", bias_in_epilogue)
+    g = torch.Generator().manual_seed(4)
+    weight, bias = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    with_bias = quantized_layer(weight, bias, kind, torch.bfloat16)
+    without = quantized_layer(weight, None, kind, torch.bfloat16)
+    for layer in (with_bias, without):
+        layer.mode = "w8a8"
+    x = torch.randn(40, 64, generator=g)
+    torch.testing.assert_close(with_bias(x).float(), without(x).float() + with_bias.bias.float(),
+                               rtol=1e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantized_linear_bf16_compute_and_odd_shapes(kind):
     g = torch.Generator().manual_seed(2)
@@ -304,8 +323,9 @@ def test_gpu_fusion_compiles_to_the_same_results():
                 assert torch.equal(got.float(), want.float())
         acc = torch.randint(-2**20, 2**20, (rows, 24), dtype=torch.int32, generator=g)
         x_scale, w_scale = torch.rand(rows, 1, generator=g), torch.rand(24, 1, generator=g)
-        assert torch.equal(epilogue(acc, x_scale, w_scale, torch.bfloat16),
-                           scale_int8_product(acc, x_scale, w_scale, torch.bfloat16))
+        for bias in (None, torch.randn(24, generator=g).bfloat16()):
+            assert torch.equal(epilogue(acc, x_scale, w_scale, bias, torch.bfloat16),
+                               scale_int8_product(acc, x_scale, w_scale, bias, torch.bfloat16))
 
 
 def test_pipeline_with_quantized_dit_and_text_encoder(tmp_path):

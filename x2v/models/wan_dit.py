@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import TORCH_SDPA, attention, kernel
+from x2v.ops.norms import layer_norm, layer_norm_to, modulated_norm, rms_norm_rope
 from x2v.ops.quant_linear import input_dtype
-from x2v.ops.rope import apply_rope, rope_rotations
+from x2v.ops.rope import rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
 FP32_PARAMS = ("modulation", "norm", "time_embedding", "time_projection", "head.head", "img_emb.proj.0",
@@ -56,32 +57,16 @@ class WanDiTConfig:
 
 
 class RMSNorm(nn.Module):
-    """RMS norm over the whole feature vector (across heads), computed in float32."""
+    """RMS norm over the whole feature vector (across heads); see ``rms_norm_rope``."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # rms_norm computes in float32 and rounds to x's dtype, as the official code does before its
-        # (float32) gain; one fused pass instead of an explicit upcast.
-        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * self.weight
-
-
-def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
-    return F.layer_norm(x.float(), (x.shape[-1],), weight, bias, eps)
-
-
-def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm(x) * (1 + scale) + shift in float32.
-
-    When one (shift, scale) pair serves every token (batch 1, one timestep), it is the norm's own
-    affine transform: one pass over the tokens instead of two.
-    """
-    if shift.shape[0] == 1 and shift.shape[1] == 1:
-        return layer_norm(x, eps, (1 + scale).flatten(), shift.flatten())
-    return torch.addcmul(shift, layer_norm(x, eps), 1 + scale)
+    def forward(self, x: torch.Tensor, heads: int, out_dtype: torch.dtype, rope: torch.Tensor | None = None):
+        """``[B, L, dim]`` -> ``[B, L, heads, head_dim]`` in ``out_dtype`` (rotated by ``rope`` when given)."""
+        return rms_norm_rope(x, self.weight, self.eps, heads, rope, out_dtype)
 
 
 class AffineLayerNorm(nn.Module):
@@ -91,8 +76,8 @@ class AffineLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.eps, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return layer_norm_to(x, self.weight, self.bias, self.eps, out_dtype)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -110,13 +95,11 @@ class SelfAttention(nn.Module):
         self.norm_k = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        heads = (self.num_heads, -1)
         x = x.to(input_dtype(self.q))  # once for q, k and v
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, heads), rope)
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, heads), rope)
-        v = self.v(x).unflatten(-1, heads)
-        out = attention(q.to(v.dtype), k.to(v.dtype), v, self.backend)
-        return linear(self.o, out.flatten(2))
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        q = self.norm_q(self.q(x), self.num_heads, v.dtype, rope)
+        k = self.norm_k(self.k(x), self.num_heads, v.dtype, rope)
+        return linear(self.o, attention(q, k, v, self.backend).flatten(2))
 
 
 class CrossAttention(nn.Module):
@@ -136,14 +119,14 @@ class CrossAttention(nn.Module):
             self.norm_k_img = RMSNorm(dim, eps)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, image: torch.Tensor | None) -> torch.Tensor:
-        heads = (self.num_heads, -1)
-        v = linear(self.v, text).unflatten(-1, heads)
-        q = self.norm_q(linear(self.q, x)).unflatten(-1, heads).to(v.dtype)
-        k = self.norm_k(linear(self.k, text)).unflatten(-1, heads).to(v.dtype)
+        heads = self.num_heads
+        v = linear(self.v, text).unflatten(-1, (heads, -1))
+        q = self.norm_q(linear(self.q, x), heads, v.dtype)
+        k = self.norm_k(linear(self.k, text), heads, v.dtype)
         out = attention(q, k, v, self.backend)
         if image is not None:
-            v_img = linear(self.v_img, image).unflatten(-1, heads)
-            k_img = self.norm_k_img(linear(self.k_img, image)).unflatten(-1, heads).to(v.dtype)
+            v_img = linear(self.v_img, image).unflatten(-1, (heads, -1))
+            k_img = self.norm_k_img(linear(self.k_img, image), heads, v.dtype)
             out = out + attention(q, k_img, v_img, self.image_backend)
         return linear(self.o, out.flatten(2))
 
@@ -168,10 +151,13 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, text, image, rope) -> torch.Tensor:
         # e0: [B, 1 or L, 6, dim] float32; x: [B, L, dim] float32 residual stream.
+        # Each norm writes its output in the dtype of the linear layer that reads it.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
-        x = torch.addcmul(x, self.self_attn(modulated_norm(x, shift_sa, scale_sa, self.eps), rope), gate_sa)
-        x = x + self.cross_attn(self.norm3(x), text, image)
-        return torch.addcmul(x, self.ffn(modulated_norm(x, shift_ff, scale_ff, self.eps)), gate_ff)
+        h = modulated_norm(x, shift_sa, scale_sa, self.eps, input_dtype(self.self_attn.q))
+        x = torch.addcmul(x, self.self_attn(h, rope), gate_sa)
+        x = x + self.cross_attn(self.norm3(x, input_dtype(self.cross_attn.q)), text, image)
+        h = modulated_norm(x, shift_ff, scale_ff, self.eps, input_dtype(self.ffn[0]))
+        return torch.addcmul(x, self.ffn(h), gate_ff)
 
 
 class VaceBlock(WanBlock):
@@ -194,7 +180,7 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         # Uses the time-MLP output e (not the projected e0), all in float32.
         shift, scale = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
-        return linear(self.head, modulated_norm(x, shift, scale, self.eps))
+        return linear(self.head, modulated_norm(x, shift, scale, self.eps, input_dtype(self.head)))
 
 
 class ImageProjection(nn.Module):

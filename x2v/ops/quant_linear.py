@@ -22,34 +22,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
+from x2v.ops.fused import fused_on_gpu
 
 log = logging.getLogger(__name__)
 
 AUTO, W8A8, WEIGHT_ONLY = "auto", "w8a8", "weight-only"
 MIN_CAPABILITY = {"fp8": (8, 9), "int8": (8, 0)}
 INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
-
-
-def fused_on_gpu(fn):
-    """``fn`` compiled into one fused kernel when its first argument is on a GPU (eager it makes several passes
-    over the activations, which costs as much as the 8-bit matmul saves); eager elsewhere, or if compiling fails."""
-    compiled = None
-
-    @functools.wraps(fn)
-    def run(x: torch.Tensor, *args):
-        nonlocal compiled
-        if torch.compiler.is_compiling():
-            return fn(x, *args)  # inside a compiled model: it fuses this code with the rest
-        if x.is_cuda and compiled is not False:
-            try:
-                compiled = compiled or torch.compile(fn, dynamic=True)
-                return compiled(x, *args)
-            except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
-                compiled = False
-                log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, str(e).splitlines()[0])
-        return fn(x, *args)
-
-    return run
+# Device types where torch._scaled_mm adds the bias in its epilogue with row-wise scales (one pass over the
+# output saved); found by w8a8_available's probe, which runs before any compiling.
+SCALED_MM_ADDS_BIAS: dict[str, bool] = {}
 
 
 @fused_on_gpu
@@ -62,23 +44,28 @@ def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torc
 
 @fused_on_gpu
 def scale_int8_product(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
-                       out_dtype: torch.dtype) -> torch.Tensor:
-    """int32 accumulators -> ``out_dtype``, both scales applied in float32."""
-    return (acc.float() * x_scale * weight_scale.view(1, -1)).to(out_dtype)
+                       bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """int32 accumulators -> ``out_dtype``, both scales and the bias applied in float32."""
+    out = acc.float() * x_scale * weight_scale.view(1, -1)
+    return (out if bias is None else out + bias).to(out_dtype)
 
 
-def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               out_dtype) -> torch.Tensor:
     x_q, x_scale = quantize_activations(x, "fp8")
-    return torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                            out_dtype=out_dtype, use_fast_accum=x.is_cuda)
+    fuse_bias = bias is None or SCALED_MM_ADDS_BIAS.get(x.device.type, False)
+    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
+                           bias=bias if fuse_bias else None, out_dtype=out_dtype, use_fast_accum=x.is_cuda)
+    return out if fuse_bias else out + bias
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, out_dtype) -> torch.Tensor:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                out_dtype) -> torch.Tensor:
     rows = x.shape[0]
     if rows < INT_MM_MIN_ROWS:
         x = F.pad(x, (0, 0, 0, INT_MM_MIN_ROWS - rows))
     x_q, x_scale = quantize_activations(x, "int8")
-    return scale_int8_product(torch._int_mm(x_q, weight.t()), x_scale, weight_scale, out_dtype)[:rows]
+    return scale_int8_product(torch._int_mm(x_q, weight.t()), x_scale, weight_scale, bias, out_dtype)[:rows]
 
 
 MATMULS = {"fp8": fp8_matmul, "int8": int8_matmul}
@@ -100,9 +87,15 @@ def w8a8_available(kind: str, device: torch.device) -> bool:
         major, minor = MIN_CAPABILITY[kind]
         reason = f"{kind} matmuls need compute capability {major}.{minor}+"
     else:
+        probe = torch.zeros(32, 32, device=device)
+        if kind == "fp8":
+            SCALED_MM_ADDS_BIAS[device.type] = True
+            try:
+                fp8_matmul(probe, probe.to(QUANT_DTYPES[kind]), probe[:, :1], probe[0].bfloat16(), torch.bfloat16)
+            except RuntimeError:
+                SCALED_MM_ADDS_BIAS[device.type] = False  # the bias is added after the matmul
         try:
-            probe = torch.zeros(32, 32, device=device)
-            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device), torch.bfloat16)
+            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), probe[:, :1] + 1, None, torch.bfloat16)
         except RuntimeError as e:  # an older torch/cuBLAS without this kernel
             reason = f"the {kind} kernel failed on this device ({str(e).splitlines()[0]})"
     if reason:
@@ -144,9 +137,9 @@ class QuantLinear(nn.Module):
         x = x.to(self.compute_dtype)
         if not self.uses_w8a8(x.device):
             return F.linear(x, self.dequantized_weight(), self.bias)
-        out = MATMULS[self.kind](x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.compute_dtype)
-        out = out.view(*x.shape[:-1], self.out_features)
-        return out if self.bias is None else out + self.bias
+        out = MATMULS[self.kind](x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias,
+                                 self.compute_dtype)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 def input_dtype(layer: nn.Module) -> torch.dtype:

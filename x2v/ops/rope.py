@@ -35,15 +35,17 @@ def _rope_angles(grid: tuple[int, int, int], head_dim: int, theta: float) -> tor
 
 @functools.lru_cache(maxsize=16)
 def rope_rotations(grid: tuple[int, int, int], head_dim: int, device: torch.device, theta: float = 10000.0):
-    """Unit complex rotations ``[L, 1, head_dim/2]`` (complex64; angles computed in float64 as officially).
+    """Rotations ``[L, 1, head_dim/2, 2]``: (cos, sin) in float32 of angles computed in float64 as officially.
 
     Cached per grid and device: every step of a generation reuses them.
     """
     angles = _rope_angles(grid, head_dim, theta)
-    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(1).to(device)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float().unsqueeze(1).to(device)
 
 
 def apply_rope(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2j, 2j+1) of ``x`` ``[B, L, heads, d]`` as complex numbers; float32 out."""
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * rotations).flatten(-2)
+    """Rotate adjacent channel pairs (2j, 2j+1) of ``x`` ``[B, L, heads, d]`` (a complex multiply written out in
+    real arithmetic, which compilers fuse); float32 out."""
+    real, imag = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = rotations.unbind(-1)
+    return torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1).flatten(-2)

@@ -1,0 +1,63 @@
+"""Elementwise work fused into one kernel per call on GPUs (``torch.compile`` of small pure functions).
+
+Around each matmul of a DiT block sit norms, modulation, RoPE and dtype casts. Run op by op they read and write
+the 32k-token activations many times (float32 round trips); compiled, each function below is one pass that
+reads its input once and writes its output once, in the dtype the next layer takes. The Python function is the
+definition: eager runs (CPU, ``unfused()``, or a compile failure) compute the same values.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from contextlib import contextmanager
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_enabled = True
+# Compiling costs seconds once per process and shape; it pays off on large activations (a 480P video has
+# 32,760 tokens of 1,536-5,120 channels), not on text embeddings or tiny test models, which stay eager.
+MIN_ELEMENTS = 1 << 22
+FUSED_DEVICES = ("cuda",)  # where compiling is worth it (tests add "cpu" to run the compiled path)
+
+
+@contextmanager
+def unfused():
+    """Run the fused functions eagerly (op by op) inside this block: for comparisons and benchmarks."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def fused_on_gpu(fn=None, *, dynamic: bool | None = True):
+    """``fn`` compiled into fused kernels when its first argument is a large tensor on a GPU; eager elsewhere,
+    for small inputs, inside an already compiled model (which fuses this code with the rest), or if compiling
+    fails (said once).
+
+    ``dynamic``: ``True`` for functions that see many shapes (one generic kernel); ``None`` for ones that see a
+    few (specialised first, generalised if the shape changes).
+    """
+    if fn is None:
+        return functools.partial(fused_on_gpu, dynamic=dynamic)
+    compiled = None
+
+    @functools.wraps(fn)
+    def run(x: torch.Tensor, *args):
+        nonlocal compiled
+        if (torch.compiler.is_compiling() or not _enabled or compiled is False
+                or x.device.type not in FUSED_DEVICES or x.numel() < MIN_ELEMENTS):
+            return fn(x, *args)
+        try:
+            compiled = compiled or torch.compile(fn, dynamic=dynamic)
+            return compiled(x, *args)
+        except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
+            compiled = False
+            log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, str(e).splitlines()[0])
+        return fn(x, *args)
+
+    return run
