@@ -2,8 +2,8 @@
 # Every GPU measurement the open speed work needs, in one run that fits a lent device session (about 9 minutes).
 # Each step has its own time limit and writes its output under $OUT as it goes, so a cut-off run still reports.
 #
-#   run on the device:  bash benchmarks/gpu_session.sh      (carry .whl/ and .whl_gpu/: diffusers, sageattention,
-#                                                             av, ftfy)
+#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: every step; carry .whl/ and .whl_gpu/:
+#                                                                    diffusers, sageattention, av, ftfy)
 #
 # Order: the targets first (14B forward vs diffusers: bf16 fused / unfused, fp8, fp8 + 8-bit attention;
 # 14B fp8 block offload: peak memory and time ratio), then the correctness checks, then the extras.
@@ -18,9 +18,11 @@ export PYTHONPATH=/tmp/site
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/card.txt"
 cat "$OUT/card.txt"
 
+WANTED=" ${*:-all} "
 step() {  # name, seconds, command...
   local name=$1 limit=$2
   shift 2
+  [[ $WANTED == *" all "* || $WANTED == *" $name "* ]] || return 0
   echo "== $name" | tee -a "$OUT/summary.txt"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "exit $? after ${SECONDS}s" | tee -a "$OUT/summary.txt"
