@@ -187,38 +187,42 @@ class Variant:
 
 
 def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device: str, iters: int) -> list[dict]:
-    """Each attention type on random q/k/v of the self-attention's shape: seconds per call and relative L2 to
-    float32 SDPA (the 8-bit kernels' accuracy). On a GPU also each of torch SDPA's own kernels, to see whether
-    torch picks the fastest."""
+    """Each attention type on random q/k/v of the self-attention's shape and of the cross-attention's (512 text
+    tokens): seconds per call and relative L2 to float32 SDPA (the 8-bit kernels' accuracy). On a GPU also each
+    of torch SDPA's own kernels, to see whether torch picks the fastest."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator(device).manual_seed(2)
-    q, k, v = (torch.randn(1, tokens, cfg.num_heads, cfg.head_dim, generator=g, device=device, dtype=torch.bfloat16)
-               for _ in range(3))
-    calls = {b: lambda b=b: attention(q, k, v, b) for b in backends}
-    if device.startswith("cuda"):
-        for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-            def forced(backend=getattr(SDPBackend, name)):
-                with sdpa_kernel(backend):
-                    return attention(q, k, v)
-            calls[f"sdpa {name.split('_')[0].lower()}"] = forced
     results = []
-    with torch.inference_mode():
-        want = attention(q.float(), k.float(), v.float())
-        for name, call in list(calls.items()):
-            try:
-                rel = relative_l2(call(), want)
-            except RuntimeError as e:  # a kernel this card or shape does not have
-                print(f"attention {name:>14}: not run ({str(e).splitlines()[0]})", flush=True)
-                del calls[name]
-                continue
-            results.append(dict(attention=name, tokens=tokens, rel_l2_to_fp32=rel))
-        seconds = timed_alternating(list(calls.values()), 1, iters, device)
-    flops = 4 * tokens * tokens * cfg.dim
-    for r, s in zip(results, seconds):
-        r.update(seconds=s, tflops=flops / s / 1e12)
-        print(f"attention {r['attention']:>14}: {s * 1e3:.1f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 to float32 "
-              f"SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
+    for shape, kv_tokens in (("self", tokens), ("cross", 512)):
+        q, k, v = (torch.randn(1, n, cfg.num_heads, cfg.head_dim, generator=g, device=device, dtype=torch.bfloat16)
+                   for n in (tokens, kv_tokens, kv_tokens))
+        calls = {b: lambda b=b: attention(q, k, v, b) for b in backends}
+        if device.startswith("cuda"):
+            for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+                def forced(backend=getattr(SDPBackend, name)):
+                    with sdpa_kernel(backend):
+                        return attention(q, k, v)
+                calls[f"sdpa {name.split('_')[0].lower()}"] = forced
+        measured = []
+        with torch.inference_mode():
+            want = attention(q.float(), k.float(), v.float())
+            for name, call in list(calls.items()):
+                try:
+                    rel = relative_l2(call(), want)
+                except RuntimeError as e:  # a kernel this card or shape does not have
+                    print(f"{shape} attention {name:>14}: not run ({str(e).splitlines()[0]})", flush=True)
+                    del calls[name]
+                    continue
+                measured.append(dict(attention=name, shape=shape, tokens=tokens, kv_tokens=kv_tokens,
+                                     rel_l2_to_fp32=rel))
+            seconds = timed_alternating(list(calls.values()), 1, iters, device)
+        flops = 4 * tokens * kv_tokens * cfg.dim
+        for r, s in zip(measured, seconds):
+            r.update(seconds=s, tflops=flops / s / 1e12)
+            print(f"{shape} attention {r['attention']:>14}: {s * 1e3:.2f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 "
+                  f"to float32 SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
+        results += measured
     return results
 
 
@@ -237,7 +241,7 @@ def main() -> None:
                              "shape, with their accuracy against float32")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
-                        help="print the top operators of one forward of diffusers and the first variant")
+                        help="print the top operators of one forward of each")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
@@ -285,7 +289,7 @@ def main() -> None:
             runs = [lambda m=m: m(x, t, context) for m in models.values()]
             times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device)))
             if args.profile:
-                for name, run in list(zip(models, runs))[:2]:
+                for name, run in zip(models, runs):
                     profile(name, run, args.profile)
         flops = forward_flops(cfg, tokens)
         peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None

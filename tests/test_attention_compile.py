@@ -128,8 +128,8 @@ def test_compiled_quantized_blocks_trace_without_graph_breaks(t2v):
 
 
 def test_fused_norms_compile_to_the_eager_results(t2v, monkeypatch, caplog):
-    """On GPUs the block's norms (with modulation, RoPE and the cast to the linear layers' dtype) run compiled,
-    one kernel each. The same wrapper is pointed at the CPU here (C++ instead of Triton): a bf16 DiT forward,
+    """On GPUs the block's norms (with modulation, RoPE, the residual add before and the cast to the linear
+    layers' dtype after) run compiled, one kernel each. The same wrapper is pointed at the CPU here (C++ instead of Triton): a bf16 DiT forward,
     one timestep and per-token timesteps (Wan2.2 TI2V), equals the op-by-op forward up to bf16 rounding."""
     from x2v.ops import fused
 
@@ -146,7 +146,8 @@ def test_fused_norms_compile_to_the_eager_results(t2v, monkeypatch, caplog):
             with fused.unfused():
                 want = model(x, timestep, context)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-    assert {"layer_norm_to", "modulated_norm", "rms_norm_rope"} <= set(compiled)
+    assert set(compiled) == {"modulated_norm", "rms_norm_rope", "residual_layer_norm", "residual_modulated_norm",
+                             "gated_residual"}
     assert not [r for r in caplog.records if "runs unfused" in r.message]  # the compiled path ran
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import TORCH_SDPA, attention, kernel
-from x2v.ops.norms import layer_norm, layer_norm_to, modulated_norm, rms_norm_rope
+from x2v.ops.norms import (gated_residual, layer_norm, layer_norm_to, modulated_norm, residual_layer_norm,
+                           residual_modulated_norm, rms_norm_rope)
 from x2v.ops.quant_linear import input_dtype
 from x2v.ops.rope import rope_rotations
 
@@ -76,8 +77,13 @@ class AffineLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return layer_norm_to(x, self.weight, self.bias, self.eps, out_dtype)
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32, add: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None):
+        """The norm of ``x`` in ``out_dtype``. With ``add`` (a branch output, times ``gate`` when given) the
+        residual add comes first, in the same pass: returns ``(x + add * gate, its norm)``."""
+        if add is None:
+            return layer_norm_to(x, self.weight, self.bias, self.eps, out_dtype)
+        return residual_layer_norm(x, add, gate, self.weight, self.bias, self.eps, out_dtype)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -151,13 +157,14 @@ class WanBlock(nn.Module):
 
     def forward(self, x, e0, text, image, rope) -> torch.Tensor:
         # e0: [B, 1 or L, 6, dim] float32; x: [B, L, dim] float32 residual stream.
-        # Each norm writes its output in the dtype of the linear layer that reads it.
+        # Each norm writes its output in the dtype of the linear layer that reads it, and takes in the residual
+        # add before it (one pass over the float32 stream).
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
         h = modulated_norm(x, shift_sa, scale_sa, self.eps, input_dtype(self.self_attn.q))
-        x = torch.addcmul(x, self.self_attn(h, rope), gate_sa)
-        x = x + self.cross_attn(self.norm3(x, input_dtype(self.cross_attn.q)), text, image)
-        h = modulated_norm(x, shift_ff, scale_ff, self.eps, input_dtype(self.ffn[0]))
-        return torch.addcmul(x, self.ffn(h), gate_ff)
+        x, h = self.norm3(x, input_dtype(self.cross_attn.q), self.self_attn(h, rope), gate_sa)
+        x, h = residual_modulated_norm(x, self.cross_attn(h, text, image), None, shift_ff, scale_ff, self.eps,
+                                       input_dtype(self.ffn[0]))
+        return gated_residual(x, self.ffn(h), gate_ff)
 
 
 class VaceBlock(WanBlock):
