@@ -32,11 +32,11 @@ step() {  # name, seconds, command...
 step dit_step_14b 240 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --profile 25 \
   --variants bf16 bf16-unfused fp8 fp8-sage_attn2 --attention-check sage_attn2 --json "$OUT/dit_step_14b.json"
 step dit_step_14b_profile 200 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --profile 30 \
-  --variants bf16 fp8 --attention-check --json "$OUT/dit_step_14b_profile.json"
+  --variants bf16 fp8 int8 --json "$OUT/dit_step_14b_profile.json"
 step offload_14b 150 python3 benchmarks/offload.py --sizes 14B --weights fp8 --iters 2 --json "$OUT/offload_14b.json"
 step gpu_check 90 python3 benchmarks/gpu_check.py
 step dit_step_14b_compiled 120 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --variants bf16-compiled \
   --json "$OUT/dit_step_14b_compiled.json"
-step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 bf16-unfused fp8 \
+step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 fp8 \
   --json "$OUT/dit_step_1_3b.json"
 cat "$OUT/summary.txt"

@@ -115,6 +115,7 @@ def test_8bit_matmul_bias_in_the_epilogue_or_after(kind, bias_in_epilogue, monke
     the compiled scaling), else it is added after: the same values up to the output's rounding."""
     from x2v.ops import quant_linear
 
+    assert quant_linear.scaled_mm_takes_bias(torch.device("cpu"))  # the probe itself (CPU kernels take a bias)
     monkeypatch.setitem(quant_linear.SCALED_MM_ADDS_BIAS, "cpu", bias_in_epilogue)
     g = torch.Generator().manual_seed(4)
     weight, bias = torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
@@ -311,11 +312,12 @@ def test_quantized_clip_file(tmp_path, official_dir, image, kind):  # noqa: F811
 def test_gpu_fusion_compiles_to_the_same_results():
     """On GPUs the activation quantization and the int8 epilogue run through torch.compile; compiled here on CPU
     (same graphs, C++ instead of Triton), they must give the eager results bit for bit."""
+    from x2v.ops.fused import COMPILE_OPTIONS
     from x2v.ops.quant_linear import quantize_activations, scale_int8_product
 
     g = torch.Generator().manual_seed(3)
-    quantize = torch.compile(quantize_activations.__wrapped__, dynamic=True)
-    epilogue = torch.compile(scale_int8_product.__wrapped__, dynamic=True)
+    quantize = torch.compile(quantize_activations.__wrapped__, dynamic=False, options=COMPILE_OPTIONS)
+    epilogue = torch.compile(scale_int8_product.__wrapped__, dynamic=False, options=COMPILE_OPTIONS)
     for rows in (37, 64):
         x = torch.randn(rows, 48, generator=g).bfloat16()
         for kind in KINDS:

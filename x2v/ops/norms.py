@@ -36,26 +36,26 @@ def add_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) ->
     return x + y if gate is None else torch.addcmul(x, y, gate)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def layer_norm_to(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
                   out_dtype: torch.dtype) -> torch.Tensor:
     return layer_norm(x, eps, weight, bias).to(out_dtype)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                    out_dtype: torch.dtype) -> torch.Tensor:
     return modulate(x, shift, scale, eps).to(out_dtype)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     # Eager, the gate's broadcast across mixed dtypes runs as a slow generic kernel (1.4 ms at 14B / 480P on an
     # H100 against 0.6 ms for one pass at memory speed).
     return add_residual(x, y, gate)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, weight: torch.Tensor | None,
                         bias: torch.Tensor | None, eps: float, out_dtype: torch.dtype):
     """``(x', layer_norm_to(x'))`` with ``x' = add_residual(x, y, gate)``: the stream is read once for both."""
@@ -63,7 +63,7 @@ def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | N
     return x, layer_norm(x, eps, weight, bias).to(out_dtype)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor,
                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype):
     """``(x', modulated_norm(x'))`` with ``x' = add_residual(x, y, gate)``."""
@@ -71,7 +71,7 @@ def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
     return x, modulate(x, shift, scale, eps).to(out_dtype)
 
 
-@fused_on_gpu(dynamic=None)
+@fused_on_gpu
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, rope: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
     """RMS norm over the whole feature vector ``[B, L, dim]`` (across heads), split into ``[B, L, heads, d]``,

@@ -71,6 +71,18 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 MATMULS = {"fp8": fp8_matmul, "int8": int8_matmul}
 
 
+def scaled_mm_takes_bias(device: torch.device) -> bool:
+    """Whether ``torch._scaled_mm`` adds a bfloat16 bias with row-wise scales on ``device``."""
+    x = torch.ones(32, 32, device=device).to(torch.float8_e4m3fn)
+    scale = torch.ones(32, 1, device=device)
+    try:
+        torch._scaled_mm(x, x.t(), scale_a=scale, scale_b=scale.view(1, -1), out_dtype=torch.bfloat16,
+                         bias=torch.ones(32, device=device, dtype=torch.bfloat16))
+        return True
+    except (RuntimeError, ValueError):
+        return False
+
+
 def kernel_shape_ok(kind: str, in_features: int, out_features: int) -> bool:
     """fp8 GEMMs want both dimensions multiples of 16, int8 multiples of 8."""
     multiple = 16 if kind == "fp8" else 8
@@ -89,14 +101,11 @@ def w8a8_available(kind: str, device: torch.device) -> bool:
     else:
         probe = torch.zeros(32, 32, device=device)
         if kind == "fp8":
-            SCALED_MM_ADDS_BIAS[device.type] = True
-            try:
-                fp8_matmul(probe, probe.to(QUANT_DTYPES[kind]), probe[:, :1], probe[0].bfloat16(), torch.bfloat16)
-            except RuntimeError:
-                SCALED_MM_ADDS_BIAS[device.type] = False  # the bias is added after the matmul
+            SCALED_MM_ADDS_BIAS[device.type] = scaled_mm_takes_bias(device)
         try:
-            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), probe[:, :1] + 1, None, torch.bfloat16)
-        except RuntimeError as e:  # an older torch/cuBLAS without this kernel
+            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device), None,
+                          torch.bfloat16)
+        except (RuntimeError, ValueError) as e:  # an older torch/cuBLAS without this kernel
             reason = f"the {kind} kernel failed on this device ({str(e).splitlines()[0]})"
     if reason:
         log.warning("%s weights run weight-only on %s (each layer dequantized when used; memory stays %s): %s.",
