@@ -161,6 +161,7 @@ class WanBlock(nn.Module):
         # add before it (one pass over the float32 stream).
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
         h = modulated_norm(x, shift_sa, scale_sa, self.eps, input_dtype(self.self_attn.q))
+        # norm3 runs as a module call (not a function of its tensors), so offload hooks bring its weights in
         x, h = self.norm3(x, input_dtype(self.cross_attn.q), self.self_attn(h, rope), gate_sa)
         x, h = residual_modulated_norm(x, self.cross_attn(h, text, image), None, shift_ff, scale_ff, self.eps,
                                        input_dtype(self.ffn[0]))

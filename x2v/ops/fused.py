@@ -40,8 +40,8 @@ def fused_on_gpu(fn):
     for small inputs, inside an already compiled model (which fuses this code with the rest), or if compiling
     fails (said once).
 
-    Compiled per shape (a generation keeps its shapes): specialised kernels, and the reductions' launch settings
-    tuned on the card (the untuned norm kernels ran at a third of the memory bandwidth on an H100).
+    Compiled per shape (a generation keeps its shapes) with launch settings tuned on the card: the activation
+    quantization compiled shape-generic and untuned took 0.59 ms per call at 14B / 480P on an H100, 0.26 ms so.
     """
     compiled = None
 
