@@ -33,6 +33,10 @@ step dit_step_14b 240 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --pro
   --variants bf16 bf16-unfused fp8 fp8-sage_attn2 --attention-check sage_attn2 --json "$OUT/dit_step_14b.json"
 step dit_step_14b_profile 200 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --profile 30 \
   --variants bf16 fp8 int8 --json "$OUT/dit_step_14b_profile.json"
+# Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide reductions
+# and keeps the faster: the candidate fix for the LayerNorm kernels that run at a third of memory speed.
+step dit_step_14b_multikernel 200 env TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/dit_step.py --sizes 14B \
+  --iters 2 --profile 30 --variants bf16 fp8 --json "$OUT/dit_step_14b_multikernel.json"
 step offload_14b 150 python3 benchmarks/offload.py --sizes 14B --weights fp8 --iters 2 --json "$OUT/offload_14b.json"
 step gpu_check 90 python3 benchmarks/gpu_check.py
 step dit_step_14b_compiled 120 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --variants bf16-compiled \
