@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import TORCH_SDPA, attention, kernel
-from x2v.ops.norms import (gated_residual, layer_norm, layer_norm_to, modulated_norm, residual_layer_norm,
+from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope)
 from x2v.ops.quant_linear import input_dtype
 from x2v.ops.rope import rope_rotations
@@ -77,13 +77,9 @@ class AffineLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, out_dtype: torch.dtype = torch.float32, add: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None):
-        """The norm of ``x`` in ``out_dtype``. With ``add`` (a branch output, times ``gate`` when given) the
-        residual add comes first, in the same pass: returns ``(x + add * gate, its norm)``."""
-        if add is None:
-            return layer_norm_to(x, self.weight, self.bias, self.eps, out_dtype)
-        return residual_layer_norm(x, add, gate, self.weight, self.bias, self.eps, out_dtype)
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype):
+        """The residual add ``x + branch * gate`` and its norm in ``out_dtype``, in one pass: ``(x', norm)``."""
+        return gated_residual_layer_norm(x, branch, gate, self.weight, self.bias, self.eps, out_dtype)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -162,8 +158,8 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
         h = modulated_norm(x, shift_sa, scale_sa, self.eps, input_dtype(self.self_attn.q))
         # norm3 runs as a module call (not a function of its tensors), so offload hooks bring its weights in
-        x, h = self.norm3(x, input_dtype(self.cross_attn.q), self.self_attn(h, rope), gate_sa)
-        x, h = residual_modulated_norm(x, self.cross_attn(h, text, image), None, shift_ff, scale_ff, self.eps,
+        x, h = self.norm3(x, self.self_attn(h, rope), gate_sa, input_dtype(self.cross_attn.q))
+        x, h = residual_modulated_norm(x, self.cross_attn(h, text, image), shift_ff, scale_ff, self.eps,
                                        input_dtype(self.ffn[0]))
         return gated_residual(x, self.ffn(h), gate_ff)
 
