@@ -5,8 +5,8 @@
 
 ``--variants`` picks the x2v configurations (default: bf16, and on a GPU fp8 and int8: the same weights quantized
 per output channel, as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), e.g.
-``--variants bf16 bf16-unfused bf16-compiled fp8 fp8-sage_attn2``; ``--attention-check sage_attn2`` also times the
-attention kernels alone with their accuracy.
+``--variants bf16 bf16-unfused bf16-compiled fp8 fp8-sage_triton``; ``--attention-check sage_triton`` also times the
+attention kernels alone with their accuracy (for ``sage_triton`` each candidate tiling: the fastest is then used).
 
 Weights are random (the timing does not depend on them). Both models share the same weight tensors
 (x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
@@ -32,7 +32,7 @@ from x2v.formats.quant import FLOAT  # noqa: E402
 from x2v.loading.quantized import prepare_quantized  # noqa: E402
 from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
-from x2v.ops.attention import TORCH_SDPA, attention, kernel  # noqa: E402
+from x2v.ops.attention import TORCH_SDPA, attention, failed_types, kernel  # noqa: E402
 from x2v.ops.fused import unfused  # noqa: E402
 from x2v.pipelines.wan import compile_blocks  # noqa: E402
 
@@ -198,6 +198,8 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
         q, k, v = (torch.randn(1, n, cfg.num_heads, cfg.head_dim, generator=g, device=device, dtype=torch.bfloat16)
                    for n in (tokens, kv_tokens, kv_tokens))
         calls = {b: lambda b=b: attention(q, k, v, b) for b in backends}
+        if "sage_triton" in backends and device.startswith("cuda"):
+            calls.update(sage_triton_calls(q, k, v))
         if device.startswith("cuda"):
             for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
                 def forced(backend=getattr(SDPBackend, name)):
@@ -220,10 +222,33 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
         flops = 4 * tokens * kv_tokens * cfg.dim
         for r, s in zip(measured, seconds):
             r.update(seconds=s, tflops=flops / s / 1e12)
-            print(f"{shape} attention {r['attention']:>14}: {s * 1e3:.2f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 "
+            print(f"{shape} attention {r['attention']:>30}: {s * 1e3:.2f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 "
                   f"to float32 SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
         results += measured
+    tilings = [r for r in results if r["shape"] == "self" and r["attention"] in TILING_NAMES]
+    if tilings:  # the DiT variants below run the fastest
+        from x2v.ops import sage_triton
+
+        sage_triton.TILING = TILING_NAMES[min(tilings, key=lambda r: r["seconds"])["attention"]]
+        print(f"sage_triton tiling for the rest of this run: {sage_triton.TILING}", flush=True)
     return results
+
+
+TILING_NAMES = {}  # "sage_triton 128/64/4w/3s" -> its Tiling
+
+
+def sage_triton_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
+    """x2v's 8-bit kernel with each candidate tiling, and with fp8 Q·K or bf16 P·V instead of int8 / fp8."""
+    from x2v.ops import sage_triton as sage
+
+    calls = {}
+    for tiling in sage.CANDIDATES:
+        name = f"sage_triton {tiling.block_m}/{tiling.block_n}/{tiling.num_warps}w/{tiling.num_stages}s"
+        TILING_NAMES[name] = tiling
+        calls[name] = lambda tiling=tiling: sage.sage_attention(q, k, v, tiling)
+    calls["sage_triton fp8 QK"] = lambda: sage.sage_attention(q, k, v, qk_dtype=sage.FP8)
+    calls["sage_triton bf16 PV"] = lambda: sage.sage_attention(q, k, v, pv_fp8=False)
+    return calls
 
 
 def main() -> None:
@@ -266,6 +291,7 @@ def main() -> None:
                 else:
                     shared[variant.weights] = model
             models[f"x2v {variant.name}"] = variant.runner(model if variant.compiled else shared[variant.weights])
+        variant_of = {f"x2v {variant.name}": variant for variant in variants}
         g = torch.Generator(device).manual_seed(1)
         x = torch.randn(latent, generator=g, device=device, dtype=dtype)
         context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
@@ -281,6 +307,8 @@ def main() -> None:
                     print(f"{size} {name}: FAILED, not timed: {type(e).__name__}: {str(e).splitlines()[0]}")
                     del models[name]
                     continue
+                if variant_of[name].attention in failed_types:
+                    print(f"{size} {name}: attention {variant_of[name].attention} failed: this ran torch SDPA")
                 rel[name] = relative_l2(out, ref_out)
                 first = out if first is None else first
                 print(f"{size} {name}: rel. L2 to diffusers {rel[name]:.1e}, to {list(models)[1]} "

@@ -131,6 +131,47 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
     return failures
 
 
+def check_attention_kernels(model: Path, gpu: str) -> list[str]:
+    """x2v's 8-bit attention (``sage_triton``) against float32 SDPA: alone with each precision option, at lengths
+    that are no multiple of the blocks and large enough for the compiled quantization, and inside a DiT."""
+    from x2v.loading.dit import load_dit
+    from x2v.ops import attention as attn
+
+    if gpu == "cpu":
+        return []
+    from x2v.ops import sage_triton as sage
+
+    failures = []
+    g = torch.Generator().manual_seed(0)
+    for q_len, kv_len in ((1000, 700), (8200, 8200), (8200, 512)):
+        q, k, v = (torch.randn(1, n, 8, 128, generator=g).to(gpu, torch.bfloat16) for n in (q_len, kv_len, kv_len))
+        k = k + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16)  # a key offset, as real keys have
+        # Bounds: random values with zero mean are fp8's worst case (tests/test_sage_triton.py explains).
+        want = attn.sdpa(q.float(), k.float(), v.float())
+        for qk, pv, bound in ((torch.int8, True, 1e-1), (sage.FP8, True, 1.2e-1), (torch.int8, False, 3e-2)):
+            try:
+                out = sage.sage_attention(q, k, v, qk_dtype=qk, pv_fp8=pv)
+                rel = ((out.float() - want).norm() / want.norm()).item()
+            except Exception as e:  # noqa: BLE001 - report which option does not build on this card
+                rel, bound = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            ok = rel <= bound if isinstance(bound, float) else False
+            print(f"{'ok ' if ok else 'FAIL'} sage_triton {q_len}x{kv_len} QK {str(qk).split('.')[-1]} "
+                  f"PV {'fp8' if pv else 'bf16'}: rel. L2 to float32 SDPA {rel:.2e} (bound {bound})")
+            failures += [] if ok else [f"sage_triton {q_len}x{kv_len} {qk} {pv}"]
+    dit = load_dit(model, device=gpu, dtype=torch.bfloat16)
+    x = torch.randn(1, dit.config.in_dim, 5, 32, 32, generator=g).to(gpu)
+    context = torch.randn(1, 30, dit.config.text_dim, generator=g).to(gpu)
+    t = torch.tensor([700.0], device=gpu)
+    with torch.no_grad():
+        want = dit(x, t, context).float()
+        dit.set_attention("sage_triton", "sage_triton", "sage_triton")
+        rel = ((dit(x, t, context).float() - want).norm() / want.norm()).item()
+    ok = rel <= 5e-2 and "sage_triton" not in attn.failed_types
+    print(f"{'ok ' if ok else 'FAIL'} DiT with sage_triton attention vs torch SDPA: rel. L2 {rel:.2e}, kernel ran: "
+          f"{'sage_triton' not in attn.failed_types}")
+    return failures + ([] if ok else ["sage_triton DiT"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="where the tiny models go (default: a temp dir)")
@@ -139,7 +180,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}")
     root = args.out or Path(tempfile.mkdtemp())
-    failures = check_quantized_load(root, args.device) + check_pipelines(root, args.device) + check_offload(
+    failures = check_attention_kernels(write_tiny_model(root / "attention", "t2v"), args.device)
+    failures += check_quantized_load(root, args.device) + check_pipelines(root, args.device) + check_offload(
         root, args.device)
     print("all GPU checks passed" if not failures else f"FAILED: {failures}")
     sys.exit(1 if failures else 0)

@@ -1,8 +1,9 @@
 """Attention entry point shared by every network, and the optional kernels LightX2V's attention keys name.
 
 ``torch_sdpa`` is always there (PyTorch picks its fastest kernel for the card: cuDNN or flash on H100/H200).
-``flash_attn2`` / ``flash_attn3`` / ``sage_attn2`` ... call their packages when installed; otherwise, and for
-inputs a kernel cannot take (CPU, float32), the call runs torch SDPA, announced once.
+``flash_attn2`` / ``flash_attn3`` / ``sage_attn2`` ... call their packages when installed, ``sage_triton`` is x2v's
+own 8-bit kernel (needs Triton, which CUDA builds of PyTorch bring); otherwise, for inputs a kernel cannot take
+(CPU, float32), or if a kernel fails (e.g. does not compile for the card), the call runs torch SDPA, announced once.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ KERNELS = {
     "flash_attn3": ("flash_attn_interface", "flash_attn_func", {}),
     "sage_attn2": ("sageattention", "sageattn", {"tensor_layout": "NHD"}),
     "sage_attn2_k_int8_v_fp8": ("sageattention", "sageattn_qk_int8_pv_fp8_cuda", {"tensor_layout": "NHD"}),
+    "sage_triton": ("x2v.ops.sage_triton", "sage_attention", {}),  # int8 Q·K, fp8 P·V (x2v's own, in Triton)
 }
 # Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
 NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2_attn", "nbhd_attn",
@@ -31,6 +33,8 @@ NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2
                    "draft_attn", "dynamic_sparse_attn", "general_sparse_attn", "rainfusion_attn", "sol_attn",
                    "flex_attn", "ring", "ulysses")
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what the optional kernels compute in
+KERNEL_DEVICES = ("cuda",)  # where the optional kernels run (tests add "cpu" with Triton's interpreter or fakes)
+failed_types: set[str] = set()  # attention types that raised once: SDPA runs for them from then on
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -64,8 +68,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     ``q`` is ``[B, Lq, heads, d]``, ``k``/``v`` are ``[B, Lk, heads, d]``; returns ``[B, Lq, heads, d]``.
     ``backend`` is a LightX2V attention type (``self_attn_1_type`` ...); see ``kernel``.
     """
-    fn = None if backend == TORCH_SDPA else kernel(backend)
-    if fn is None or not q.is_cuda or q.dtype not in HALF_DTYPES:
+    fn = None if backend == TORCH_SDPA or backend in failed_types else kernel(backend)
+    if fn is None or q.device.type not in KERNEL_DEVICES or q.dtype not in HALF_DTYPES:
         return sdpa(q, k, v)
-    out = fn(q, k, v)
+    try:
+        out = fn(q, k, v)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a kernel built for other cards: SDPA gives the same function
+        failed_types.add(backend)
+        log.warning("attention type %s failed (%s); torch SDPA runs instead.", backend, str(e).splitlines()[0])
+        return sdpa(q, k, v)
     return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)
