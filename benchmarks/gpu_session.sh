@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open speed work needs, in one run that fits a lent device session (about 9 minutes).
+# Every GPU measurement the open speed work needs, in one run that fits a lent device session (about 13 minutes of
+# steps: split it over two calls, e.g. `attention_8bit multikernel` then `gpu_check vae_720p`).
 # Each step has its own time limit and writes its output under $OUT as it goes, so a cut-off run still reports.
 #
-#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: every step; carry .whl/ and .whl_gpu/:
+#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-4; carry .whl/ and .whl_gpu/:
 #                                                                    diffusers, sageattention, av, ftfy)
 #
-# Order: the issue's targets first (14B forward vs diffusers: bf16 fused / unfused, fp8, fp8 + 8-bit attention;
-# 14B fp8 block offload: peak memory and time ratio), then the correctness checks, then the extras.
+# Order: the open targets of the speed issue first, then the correctness checks, then the extras.
 set -u
 OUT=${OUT:-/tmp/x2v-gpu}
 mkdir -p "$OUT"
@@ -29,18 +29,23 @@ step() {  # name, seconds, command...
   grep -v "^USDT" "$OUT/$name.log" | tail -n 14 >> "$OUT/summary.txt"
 }
 
-step dit_step_14b 240 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --profile 25 \
-  --variants bf16 bf16-unfused fp8 fp8-sage_attn2 --attention-check sage_attn2 --json "$OUT/dit_step_14b.json"
-step dit_step_14b_profile 200 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --profile 30 \
-  --variants bf16 fp8 int8 --json "$OUT/dit_step_14b_profile.json"
-# Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide reductions
-# and keeps the faster: the candidate fix for the LayerNorm kernels that run at a third of memory speed.
-step dit_step_14b_multikernel 200 env TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/dit_step.py --sizes 14B \
-  --iters 2 --profile 30 --variants bf16 fp8 --json "$OUT/dit_step_14b_multikernel.json"
+# 1. x2v's 8-bit attention (sage_triton): each candidate tiling and precision option alone (speed, accuracy against
+#    float32), then the 14B forward with the fastest tiling next to diffusers, bf16 and fp8.
+step attention_8bit 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --attention-check sage_triton \
+  --variants bf16 fp8 fp8-sage_triton bf16-sage_triton --json "$OUT/attention_8bit.json"
+# 2. Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide
+#    reductions and keeps the faster: the candidate fix for LayerNorm kernels at a third of memory speed.
+step multikernel 200 env TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
+  --variants bf16 fp8-sage_triton --json "$OUT/multikernel.json"
+# 3. Correctness on the card: pipelines GPU vs CPU, 8-bit linears and attention, offload modes.
+step gpu_check 120 python3 benchmarks/gpu_check.py
+# 4. VAE decode at 720P, 81 frames, untiled vs tiled: seconds and peak memory (does it fit a 24 GB card).
+step vae_720p 150 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
+# Extras, by name only: offload (measured before the norm fusions), the 1.3B model, a profile of the forward.
+[[ $WANTED == *" all "* ]] && WANTED=" done "
 step offload_14b 150 python3 benchmarks/offload.py --sizes 14B --weights fp8 --iters 2 --json "$OUT/offload_14b.json"
-step gpu_check 90 python3 benchmarks/gpu_check.py
-step dit_step_14b_compiled 120 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --variants bf16-compiled \
-  --json "$OUT/dit_step_14b_compiled.json"
-step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 fp8 \
+step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 fp8 fp8-sage_triton \
   --json "$OUT/dit_step_1_3b.json"
+step profile_14b 200 python3 benchmarks/dit_step.py --sizes 14B --iters 1 --profile 30 --variants bf16 fp8-sage_triton \
+  --json "$OUT/profile_14b.json"
 cat "$OUT/summary.txt"
