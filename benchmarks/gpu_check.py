@@ -146,9 +146,9 @@ def check_attention_kernels(model: Path, gpu: str) -> list[str]:
     for q_len, kv_len in ((1000, 700), (8200, 8200), (8200, 512)):
         q, k, v = (torch.randn(1, n, 8, 128, generator=g).to(gpu, torch.bfloat16) for n in (q_len, kv_len, kv_len))
         k = k + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16)  # a key offset, as real keys have
-        # Bounds: random values with zero mean are fp8's worst case (tests/test_sage_triton.py explains).
+        # Bounds: random values with zero mean are fp8's worst case, ~4e-2 expected (docs/performance.md).
         want = attn.sdpa(q.float(), k.float(), v.float())
-        for qk, pv, bound in ((torch.int8, True, 1e-1), (sage.FP8, True, 1.2e-1), (torch.int8, False, 3e-2)):
+        for qk, pv, bound in ((torch.int8, True, 6e-2), (sage.FP8, True, 8e-2), (torch.int8, False, 2e-2)):
             try:
                 out = sage.sage_attention(q, k, v, qk_dtype=qk, pv_fp8=pv)
                 rel = ((out.float() - want).norm() / want.norm()).item()

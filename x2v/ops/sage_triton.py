@@ -5,8 +5,8 @@ tokens, which leaves softmax unchanged and shrinks the range), so Q·Kᵀ is an 
 goes to fp8 e4m3 scaled by 448 (its values are in [0, 1]) and V to fp8 per channel (after subtracting its mean over
 the tokens, added back at the end since each row of P sums to 1), so P·V runs at the 8-bit tensor-core rate too.
 Both matmuls of flash attention at twice the bf16 rate. The price is fp8's 3 mantissa bits: on random inputs
-(zero-mean values, the worst case) the output is ~6 % off float32 attention in relative L2, ~1 % with P·V in bf16;
-real values have offsets, which the smoothing removes exactly (tests/test_sage_triton.py).
+(zero-mean values, the worst case) the output is ~4 % off float32 attention in relative L2, ~1 % with P·V in bf16;
+real values have offsets, which the smoothing removes exactly (docs/performance.md, tests/test_sage_triton.py).
 
 The quantization is plain torch (fused into one kernel per tensor on GPUs); the attention loop is the Triton kernel
 below. ``pv_fp8=False`` keeps P·V in bf16 (more accurate, half the rate for that matmul). Needs head dims that are
@@ -15,7 +15,6 @@ powers of two (Wan: 128). CPU tests run the kernel in Triton's interpreter (``TR
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -26,12 +25,12 @@ import triton.language as tl
 
 from x2v.ops.fused import fused_on_gpu
 
-log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 TOP = {torch.int8: 127.0, FP8: FP8_MAX}  # the largest value of each 8-bit type
 LOG2_E = 1.4426950408889634
+LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))  # P is scaled by 448 inside the kernel (see _attend_block)
 
 
 @dataclass(frozen=True)
@@ -110,13 +109,15 @@ def _attend_block(acc, l_i, m_i, q, q_scale, k_base, k_scale_base, v_base, start
         s = tl.where(offs_n[None, :] < kv_len, s, float("-inf"))
     row_scale = q_scale * tl.load(k_scale_base + start_n // BLOCK_N)  # > 0, so row maxima commute with it
     m_new = tl.maximum(m_i, tl.max(s, 1) * row_scale)
-    p = tl.math.exp2(s * row_scale[:, None] - m_new[:, None])
+    # P = exp2(S - max) times 448 (fp8's largest value, so P uses fp8's whole range): the factor is an added
+    # log2(448) in the exponent, and it cancels in acc / l_i.
+    p = tl.math.exp2(s * row_scale[:, None] - (m_new - LOG2_FP8_MAX)[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if PV_FP8:
         v = tl.load(v_base + offs_n[:, None] + offs_d[None, :] * kv_padded)  # from Vᵀ [D, L']: tile [N, D]
-        acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
     else:
         v_ptrs = v_base + offs_n[:, None] * stride_vl + offs_d[None, :]
         v = tl.load(v_ptrs, mask=offs_n[:, None] < kv_len, other=0.0) if MASK else tl.load(v_ptrs)
@@ -159,7 +160,7 @@ def _attention_kernel(Q, QScale, K, KScale, V, VScale, VMean, Out, q_len, heads,
 
     out = acc / l_i[:, None]
     if PV_FP8:
-        out = out * (tl.load(VScale + bh * HEAD_DIM + offs_d) / 448.0)[None, :]
+        out = out * tl.load(VScale + bh * HEAD_DIM + offs_d)[None, :]
         out += tl.load(VMean + bh * HEAD_DIM + offs_d)[None, :]
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ol + offs_d[None, :]
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
@@ -169,11 +170,27 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Ti
                    qk_dtype: torch.dtype = torch.int8, pv_fp8: bool = True) -> torch.Tensor:
     """Softmax attention with 8-bit matmuls: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in
     ``q``'s dtype (scale 1/sqrt(D), no mask). ``qk_dtype``: int8 (exact products) or fp8 e4m3 for Q and K."""
+    launch = kernel_launch(q, k, v, tiling or TILING, qk_dtype, pv_fp8)
+    _attention_kernel[launch.grid](*launch.args, **launch.constants, **launch.options)
+    return launch.out
+
+
+@dataclass
+class Launch:
+    grid: tuple[int, int]
+    args: list  # run-time arguments, in the kernel's order
+    constants: dict  # compile-time ones
+    options: dict  # num_warps, num_stages
+    out: torch.Tensor
+
+
+def kernel_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Tiling, qk_dtype: torch.dtype,
+                  pv_fp8: bool) -> Launch:
+    """Quantize the inputs and lay out the kernel's launch (also what `benchmarks/sage_triton_build.py` compiles)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"sage_triton needs a head dim that is a power of two >= 16, got {head_dim}")
-    tiling = tiling or TILING
     q8, q_scale = quantize_q(q, tiling.block_m, qk_dtype)
     k8, k_scale = quantize_k(k, tiling.block_n, qk_dtype)
     if pv_fp8:
@@ -181,11 +198,9 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Ti
     else:
         v_in, v_scale, v_mean = v.to(q.dtype).contiguous(), None, None
     out = torch.empty_like(q)
-    grid = (triton.cdiv(q_len, tiling.block_m), batch * heads)
-    _attention_kernel[grid](
-        q8, q_scale, k8, k_scale, v_in, v_scale, v_mean, out, q_len, heads, q8.shape[2],
-        v_in.stride(0), v_in.stride(1), v_in.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        KV_LEN=kv_len, HEAD_DIM=head_dim,
-        BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n, PV_FP8=pv_fp8,
-        num_warps=tiling.num_warps, num_stages=tiling.num_stages)
-    return out
+    args = [q8, q_scale, k8, k_scale, v_in, v_scale, v_mean, out, q_len, heads, q8.shape[2],
+            v_in.stride(0), v_in.stride(1), v_in.stride(2), out.stride(0), out.stride(1), out.stride(2)]
+    constants = dict(KV_LEN=kv_len, HEAD_DIM=head_dim, BLOCK_M=tiling.block_m, BLOCK_N=tiling.block_n,
+                     PV_FP8=pv_fp8)
+    return Launch((triton.cdiv(q_len, tiling.block_m), batch * heads), args, constants,
+                  dict(num_warps=tiling.num_warps, num_stages=tiling.num_stages), out)
