@@ -31,7 +31,7 @@ step() {  # name, seconds, command...
 
 # 1. x2v's 8-bit attention (sage_triton): each candidate tiling and precision option alone (speed, accuracy against
 #    float32), then the 14B forward with the fastest tiling next to diffusers, bf16 and fp8.
-step attention_8bit 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --attention-check sage_triton \
+step attention_8bit 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --attention-check sage_triton sage_attn2 \
   --variants bf16 fp8 fp8-sage_triton bf16-sage_triton --json "$OUT/attention_8bit.json"
 # 2. Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide
 #    reductions and keeps the faster: the candidate fix for LayerNorm kernels at a third of memory speed.

@@ -2,7 +2,7 @@
 compiler made of it: registers per thread, spills, shared memory, tensor-core instructions.
 
     python benchmarks/sage_triton_build.py                  # sm_90 (H100 / H200), every candidate tiling
-    python benchmarks/sage_triton_build.py --arch 89 --json build.json
+    python benchmarks/sage_triton_build.py --arch 89 --tilings default --json build.json   # Ada
 
 Triton's wheel carries ptxas and cuobjdump, so this runs on any Linux machine. Run-time arguments are specialized
 as a real launch specializes them (pointers and integers divisible by 16 are marked so): without that the loads
@@ -92,14 +92,24 @@ def main() -> None:
     parser.add_argument("--tilings", choices=["default", "all"], default="all")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    tilings = sage.CANDIDATES if args.tilings == "all" else (sage.TILING,)
-    variants = [(t, torch.int8, True) for t in tilings]
-    variants += [(sage.TILING, sage.FP8, True), (sage.TILING, torch.int8, False)]
+    default = sage.TILING if args.arch >= 90 else sage.TILING_BEFORE_HOPPER
+    tilings = sage.CANDIDATES if args.tilings == "all" else (default,)
+    if args.arch >= 10 * sage.FP8_CAPABILITY[0] + sage.FP8_CAPABILITY[1]:
+        variants = [(t, torch.int8, True) for t in tilings]
+        variants += [(default, sage.FP8, True), (default, torch.int8, False)]
+    else:  # no fp8: what sage_attention runs there
+        variants = [(t, torch.int8, False) for t in tilings]
     print(f"triton {triton.__version__}, sm_{args.arch}")
     results = []
     for kv_len in args.kv_lens:
         for tiling, qk, pv_fp8 in variants:
-            r = build(args.arch, 32760, kv_len, tiling, qk, pv_fp8)
+            try:
+                r = build(args.arch, 32760, kv_len, tiling, qk, pv_fp8)
+            except Exception as e:  # noqa: BLE001 - e.g. fp8 on a card without it: reported, the rest still built
+                print(f"kv {kv_len:>6} {tiling} QK {qk} PV {'fp8' if pv_fp8 else 'bf16'}: does not build "
+                      f"({str(e).strip().splitlines()[-1][:200]})", flush=True)
+                results.append(dict(arch=args.arch, kv_len=kv_len, tiling=str(tiling), error=str(e)[-500:]))
+                continue
             results.append(r)
             print(f"kv {kv_len:>6} {r['tiling']} QK {r['qk']} PV {r['pv']}: {r['registers']} registers, "
                   f"{r['spill_bytes']} bytes spilled, {r['shared_bytes'] // 1024} KiB shared, "

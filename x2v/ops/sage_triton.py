@@ -15,6 +15,7 @@ powers of two (Wan: 128). CPU tests run the kernel in Triton's interpreter (``TR
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -44,6 +45,10 @@ class Tiling:
 
 
 TILING = Tiling()  # for Hopper at Wan's shapes; `benchmarks/dit_step.py --attention-check` compares CANDIDATES
+# Before Hopper the tensor-core instructions are warp-level (mma.sync): this one builds without spills for Ada
+# (fp8) and Ampere (bf16 P·V), where 128 x 128 spills.
+TILING_BEFORE_HOPPER = Tiling(128, 64, 8, 3)
+FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada and later; Ampere runs P·V in bf16
 # Each builds for sm_90 without spilled registers (benchmarks/sage_triton_build.py).
 CANDIDATES = (Tiling(128, 128, 8, 3), Tiling(128, 128, 8, 4), Tiling(128, 128, 8, 2), Tiling(128, 64, 8, 3),
               Tiling(128, 64, 8, 4), Tiling(64, 128, 4, 3))
@@ -170,12 +175,24 @@ def _attention_kernel(Q, QScale, K, KScale, V, VScale, VMean, Out, q_len, heads,
 
 
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Tiling | None = None,
-                   qk_dtype: torch.dtype = torch.int8, pv_fp8: bool = True) -> torch.Tensor:
+                   qk_dtype: torch.dtype = torch.int8, pv_fp8: bool | None = None) -> torch.Tensor:
     """Softmax attention with 8-bit matmuls: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in
-    ``q``'s dtype (scale 1/sqrt(D), no mask). ``qk_dtype``: int8 (exact products) or fp8 e4m3 for Q and K."""
-    launch = kernel_launch(q, k, v, tiling or TILING, qk_dtype, pv_fp8)
+    ``q``'s dtype (scale 1/sqrt(D), no mask). ``qk_dtype``: int8 (exact products) or fp8 e4m3 for Q and K;
+    ``pv_fp8``: P·V in fp8 (default where the card has fp8 tensor cores) or in ``q``'s dtype."""
+    capability = device_capability(q.device)
+    if tiling is None:
+        tiling = TILING if capability >= (9, 0) else TILING_BEFORE_HOPPER
+    if pv_fp8 is None:
+        pv_fp8 = capability >= FP8_CAPABILITY
+    launch = kernel_launch(q, k, v, tiling, qk_dtype, pv_fp8)
     _attention_kernel[launch.grid](*launch.args, **launch.constants, **launch.options)
     return launch.out
+
+
+@functools.cache
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """The card's compute capability; Hopper's for CPU tensors (Triton's interpreter in the tests)."""
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
 
 
 @dataclass
