@@ -193,13 +193,14 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator(device).manual_seed(2)
-    results = []
+    results, tiling_of = [], {}
     for shape, kv_tokens in (("self", tokens), ("cross", 512)):
         q, k, v = (torch.randn(1, n, cfg.num_heads, cfg.head_dim, generator=g, device=device, dtype=torch.bfloat16)
                    for n in (tokens, kv_tokens, kv_tokens))
         calls = {b: lambda b=b: attention(q, k, v, b) for b in backends}
         if "sage_triton" in backends and device.startswith("cuda"):
-            calls.update(sage_triton_calls(q, k, v))
+            sage_calls, tiling_of = sage_triton_calls(q, k, v)
+            calls.update(sage_calls)
         if device.startswith("cuda"):
             for name in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
                 def forced(backend=getattr(SDPBackend, name)):
@@ -225,30 +226,28 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
             print(f"{shape} attention {r['attention']:>30}: {s * 1e3:.2f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 "
                   f"to float32 SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
         results += measured
-    tilings = [r for r in results if r["shape"] == "self" and r["attention"] in TILING_NAMES]
+    tilings = [r for r in results if r["shape"] == "self" and r["attention"] in tiling_of]
     if tilings:  # the DiT variants below run the fastest
         from x2v.ops import sage_triton
 
-        sage_triton.TILING = TILING_NAMES[min(tilings, key=lambda r: r["seconds"])["attention"]]
+        sage_triton.TILING = tiling_of[min(tilings, key=lambda r: r["seconds"])["attention"]]
         print(f"sage_triton tiling for the rest of this run: {sage_triton.TILING}", flush=True)
     return results
 
 
-TILING_NAMES = {}  # "sage_triton 128/64/4w/3s" -> its Tiling
-
-
-def sage_triton_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict:
-    """x2v's 8-bit kernel with each candidate tiling, and with fp8 Q·K or bf16 P·V instead of int8 / fp8."""
+def sage_triton_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[dict, dict]:
+    """x2v's 8-bit kernel with each candidate tiling (names -> calls, names -> tilings), and with fp8 Q·K or
+    bf16 P·V instead of int8 / fp8."""
     from x2v.ops import sage_triton as sage
 
-    calls = {}
+    calls, tiling_of = {}, {}
     for tiling in sage.CANDIDATES:
         name = f"sage_triton {tiling.block_m}/{tiling.block_n}/{tiling.num_warps}w/{tiling.num_stages}s"
-        TILING_NAMES[name] = tiling
+        tiling_of[name] = tiling
         calls[name] = lambda tiling=tiling: sage.sage_attention(q, k, v, tiling)
     calls["sage_triton fp8 QK"] = lambda: sage.sage_attention(q, k, v, qk_dtype=sage.FP8)
     calls["sage_triton bf16 PV"] = lambda: sage.sage_attention(q, k, v, pv_fp8=False)
-    return calls
+    return calls, tiling_of
 
 
 def main() -> None:

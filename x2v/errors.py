@@ -11,3 +11,8 @@ class CheckpointError(X2VError):
 
 class UnsupportedModelError(X2VError):
     """The checkpoint is recognized but x2v cannot run it (yet)."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (or its type when the message is empty), for one-line notices."""
+    return str(error).partition("\n")[0] or type(error).__name__

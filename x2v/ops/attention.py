@@ -15,6 +15,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from x2v.errors import first_line
+
 log = logging.getLogger(__name__)
 
 TORCH_SDPA = "torch_sdpa"
@@ -58,7 +60,7 @@ def kernel(name: str):
         return functools.partial(getattr(importlib.import_module(module), function), **kwargs)
     except (ImportError, AttributeError) as e:
         log.warning("attention type %s needs the %s package (%s); torch SDPA runs instead.", name, module,
-                    str(e).splitlines()[0])
+                    first_line(e))
         return None
 
 
@@ -77,6 +79,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
         raise
     except Exception as e:  # noqa: BLE001 - e.g. a kernel built for other cards: SDPA gives the same function
         failed_types.add(backend)
-        log.warning("attention type %s failed (%s); torch SDPA runs instead.", backend, str(e).splitlines()[0])
+        log.warning("attention type %s failed (%s); torch SDPA runs instead.", backend, first_line(e))
         return sdpa(q, k, v)
     return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 
+from x2v.errors import first_line
+
 log = logging.getLogger(__name__)
 
 _enabled = True
@@ -56,7 +58,7 @@ def fused_on_gpu(fn):
             return compiled(x, *args)
         except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
             compiled = False
-            log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, str(e).splitlines()[0])
+            log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, first_line(e))
         return fn(x, *args)
 
     return run

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from x2v.errors import first_line
 from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
 from x2v.ops.fused import fused_on_gpu
 
@@ -106,7 +107,7 @@ def w8a8_available(kind: str, device: torch.device) -> bool:
             MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device), None,
                           torch.bfloat16)
         except (RuntimeError, ValueError) as e:  # an older torch/cuBLAS without this kernel
-            reason = f"the {kind} kernel failed on this device ({str(e).splitlines()[0]})"
+            reason = f"the {kind} kernel failed on this device ({first_line(e)})"
     if reason:
         log.warning("%s weights run weight-only on %s (each layer dequantized when used; memory stays %s): %s.",
                     kind, device, kind, reason)
