@@ -147,7 +147,7 @@ def test_fused_norms_compile_to_the_eager_results(t2v, monkeypatch, caplog):
                 want = model(x, timestep, context)
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
     assert set(compiled) == {"modulated_norm", "rms_norm_rope", "gated_residual_layer_norm",
-                             "residual_modulated_norm", "gated_residual"}
+                             "residual_modulated_norm", "gated_residual"}  # (and linear_gelu's fused matmul)
     assert not [r for r in caplog.records if "runs unfused" in r.message]  # the compiled path ran
 
 
@@ -166,6 +166,37 @@ def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog):
         assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))
         assert torch.equal(double(torch.ones(4)), torch.full((4,), 2.0))
     assert len([r for r in caplog.records if "runs unfused" in r.message]) == 1
+
+
+def test_linear_gelu_takes_the_fused_matmul_only_for_plain_half_precision_linears(monkeypatch):
+    """On GPUs a plain bf16 / fp16 Linear + GELU is one cuBLAS call (bias and tanh-GELU in its epilogue); pointed at
+    the CPU here, where torch's op applies exact GELU instead (equal within bf16 rounding). Layers that must run
+    as modules (float32, hooks such as offload's, LoRA branches, 8-bit layers) and ``unfused()`` take the module
+    path, which is Linear then tanh-GELU exactly."""
+    from torch import nn
+
+    from x2v.ops import fused
+
+    calls = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cpu",))
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 96)
+    x = torch.randn(2, 5, 64, generator=g)
+    want = torch.nn.functional.gelu(layer(x), approximate="tanh")
+    assert torch.equal(fused.linear_gelu(layer, x), want) and not calls  # float32: the modules
+    layer.bfloat16()
+    got = fused.linear_gelu(layer, x.bfloat16())
+    assert calls and got.shape == (2, 5, 96) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+    calls.clear()
+    with fused.unfused():
+        fused.linear_gelu(layer, x.bfloat16())
+    handle = layer.register_forward_pre_hook(lambda module, args: None)
+    fused.linear_gelu(layer, x.bfloat16())
+    handle.remove()
+    assert not calls
 
 
 def test_rope_is_the_complex_rotation_of_channel_pairs():

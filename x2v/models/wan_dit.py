@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.ops.attention import TORCH_SDPA, attention, kernel
+from x2v.ops.fused import linear_gelu
 from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope)
 from x2v.ops.quant_linear import input_dtype
@@ -138,7 +139,8 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self[2], self[1](linear(self[0], x)))
+        # self[1] is the GELU that linear_gelu applies (fused into the matmul on GPUs).
+        return linear(self[2], linear_gelu(self[0], x.to(input_dtype(self[0]))))
 
 
 class WanBlock(nn.Module):
