@@ -199,6 +199,25 @@ def test_linear_gelu_takes_the_fused_matmul_only_for_plain_half_precision_linear
     assert not calls
 
 
+def test_fused_feed_forward_keeps_dynamic_lora_branches(t2v, tmp_path, monkeypatch):
+    """A dynamic LoRA branch is a forward hook on the layer: the fused matmul must not skip it."""
+    from x2v.ops import fused
+
+    monkeypatch.setattr(fused, "FUSED_DEVICES", ("cpu",))
+    model = x2v.load_dit(t2v, dtype=torch.bfloat16)
+    x, t, context = inputs(model)
+    with torch.no_grad():
+        without = model(x, t, context)
+        path = write_pairs(tmp_path / "ffn.safetensors", random_pairs(model, bases=("blocks.0.ffn.0",)),
+                           lambda b: f"diffusion_model.{b}", ".lora_up.weight", ".lora_down.weight")
+        attach_loras(model, [{"path": path, "strength": 1.0}])
+        got = model(x, t, context)
+        with fused.unfused():
+            want = model(x, t, context)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert (got - without).abs().max() > 10 * (got - want).abs().max()  # the branch took effect
+
+
 def test_rope_is_the_complex_rotation_of_channel_pairs():
     """apply_rope's real arithmetic is the official complex multiply by e^{i*angle} (angles in float64)."""
     from x2v.ops.rope import _rope_angles, apply_rope, rope_rotations
