@@ -38,7 +38,7 @@ step attention_8bit 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --a
 step multikernel 200 env TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 fp8-sage_triton --json "$OUT/multikernel.json"
 # 3. Correctness on the card: pipelines GPU vs CPU, 8-bit linears and attention, offload modes.
-step gpu_check 120 python3 benchmarks/gpu_check.py
+step gpu_check 180 python3 benchmarks/gpu_check.py
 # 4. VAE decode at 720P, 81 frames, untiled vs tiled: seconds and peak memory (does it fit a 24 GB card).
 step vae_720p 150 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
 # Extras, by name only: offload (measured before the norm fusions), the 1.3B model, a profile of the forward.
