@@ -138,8 +138,12 @@ def test_bad_head_dim_is_refused(sage):
 
 
 def test_dit_with_sage_triton_attention(sage, tmp_path, monkeypatch):
-    """The attention type by LightX2V's keys, in a bf16 DiT (head dim 128 like Wan's), close to the SDPA run."""
+    """The attention type by LightX2V's keys, in a bf16 DiT (head dim 128 like Wan's), close to the SDPA run;
+    inside compiled blocks (use_compile) the kernel runs between two graphs, with the same result."""
+    from x2v.pipelines.wan import compile_blocks
+
     monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(attn, "failed_types", set())
     attn.kernel.cache_clear()
     model = x2v.load_dit(write_tiny_model(tmp_path / "t2v", "t2v"), dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
@@ -149,7 +153,10 @@ def test_dit_with_sage_triton_attention(sage, tmp_path, monkeypatch):
         want = model(x, t, context)
         model.set_attention("sage_triton", "sage_triton", "sage_triton")
         got = model(x, t, context)
+        compile_blocks(model, "cpu")
+        compiled = model(x, t, context)
     assert relative_l2(got, want.float()) < 2e-2
+    assert relative_l2(compiled, got.float()) < 2e-3 and not attn.failed_types
     attn.kernel.cache_clear()
 
 

@@ -8,9 +8,9 @@ Both matmuls of flash attention at twice the bf16 rate. The price is fp8's 3 man
 (zero-mean values, the worst case) the output is ~4 % off float32 attention in relative L2, ~1 % with P·V in bf16;
 real values have offsets, which the smoothing removes exactly (docs/performance.md, tests/test_sage_triton.py).
 
-The quantization is plain torch (fused into one kernel per tensor on GPUs); the attention loop is the Triton kernel
-below. ``pv_fp8=False`` keeps P·V in bf16 (more accurate, half the rate for that matmul). Needs head dims that are
-powers of two (Wan: 128). CPU tests run the kernel in Triton's interpreter (``TRITON_INTERPRET=1``).
+The quantization is plain torch (compiled on GPUs); the attention loop is the Triton kernel below.
+``pv_fp8=False`` keeps P·V in bf16 (more accurate, half the rate for that matmul). Needs head dims that are powers
+of two (Wan: 128). CPU tests run the kernel in Triton's interpreter (``TRITON_INTERPRET=1``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from x2v.ops.fused import fused_on_gpu
-
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -174,6 +173,9 @@ def _attention_kernel(Q, QScale, K, KScale, V, VScale, VMean, Out, q_len, heads,
     tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < q_len)
 
 
+# Inside compiled blocks (use_compile) the attention runs as it is, between two graphs: tracing into the launch
+# and the quantization buys nothing (the kernel is one call, the quantization compiles on its own).
+@torch.compiler.disable
 def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Tiling | None = None,
                    qk_dtype: torch.dtype = torch.int8, pv_fp8: bool | None = None) -> torch.Tensor:
     """Softmax attention with 8-bit matmuls: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in
