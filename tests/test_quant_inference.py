@@ -190,6 +190,30 @@ def test_quantize_at_load_equals_the_release_recipe(tiny_i2v, kind):
     assert relative_l2(forward(model, inputs), forward(bf16, inputs)) <= DIT_BOUND[kind]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_activation_quantization_changes_no_number(tiny_i2v, kind, monkeypatch):
+    """With 8-bit kernels, q, k and v quantize their common input once and the feed-forward's GELU goes into the
+    second layer's input quantization: bit for bit what each layer on its own computes (``unfused()``)."""
+    from x2v.ops import quant_linear
+    from x2v.ops.fused import unfused
+
+    _, directory, _, inputs = tiny_i2v
+    model = load_dit(directory, dit_quantized=True, quant_scheme=f"{kind}-vllm")
+    set_quant_mode(model, "w8a8")
+    calls = []
+    real = quant_linear.quantize_activations
+    monkeypatch.setattr(quant_linear, "quantize_activations", lambda *a: calls.append(a[2:]) or real(*a))
+    got = forward(model, inputs)
+    shared_calls, calls[:] = list(calls), []
+    with unfused():
+        want = forward(model, inputs)
+    assert torch.equal(got, want)
+    blocks = len(model.blocks)
+    # Per block and forward: q/k/v once instead of three times, fc2 with the GELU instead of after it.
+    assert len(calls) - len(shared_calls) == 2 * blocks
+    assert shared_calls.count((True,)) == blocks and (True,) not in calls
+
+
 @pytest.mark.parametrize("release", ["Wan2.1-T2V-14B", "Wan2.2-I2V-A14B"])
 def test_resident_memory_of_a_quantized_14b_dit(release):
     """Counted on the meta model as load_dit builds it: 8-bit linears, bf16 compute, float32 where official.

@@ -19,7 +19,7 @@ from x2v.ops.attention import TORCH_SDPA, attention, kernel
 from x2v.ops.fused import linear_gelu
 from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope)
-from x2v.ops.quant_linear import input_dtype
+from x2v.ops.quant_linear import QuantLinear, input_dtype, quantize_input, shares_quantized_input
 from x2v.ops.rope import rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
@@ -99,9 +99,15 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         x = x.to(input_dtype(self.q))  # once for q, k and v
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        q = self.norm_q(self.q(x), self.num_heads, v.dtype, rope)
-        k = self.norm_k(self.k(x), self.num_heads, v.dtype, rope)
+        # 8-bit layers: x quantized once for all three.
+        shared = quantize_input(x, self.q.kind) if shares_quantized_input((self.q, self.k, self.v), x) else None
+
+        def project(layer: nn.Module) -> torch.Tensor:
+            return layer(x) if shared is None else layer.run_quantized(shared)
+
+        v = project(self.v).unflatten(-1, (self.num_heads, -1))
+        q = self.norm_q(project(self.q), self.num_heads, v.dtype, rope)
+        k = self.norm_k(project(self.k), self.num_heads, v.dtype, rope)
         return linear(self.o, attention(q, k, v, self.backend).flatten(2))
 
 
@@ -139,8 +145,16 @@ class FeedForward(nn.Sequential):
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # self[1] is the GELU that linear_gelu applies (fused into the matmul on GPUs).
-        return linear(self[2], linear_gelu(self[0], x.to(input_dtype(self[0]))))
+        # self[1] is the GELU that the fused paths apply: in the first matmul's epilogue (16-bit layers on GPUs)
+        # or in the second layer's input quantization (8-bit layers).
+        fc1, _, fc2 = self
+        x = x.to(input_dtype(fc1))
+        if isinstance(fc2, QuantLinear):
+            hidden = fc1(x)
+            if shares_quantized_input((fc2,), hidden):
+                return fc2.run_quantized(quantize_input(hidden, fc2.kind, gelu=True))
+            return fc2(F.gelu(hidden, approximate="tanh"))
+        return linear(fc2, linear_gelu(fc1, x))
 
 
 class WanBlock(nn.Module):

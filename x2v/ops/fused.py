@@ -39,6 +39,11 @@ def unfused():
         _enabled = before
 
 
+def fused_enabled() -> bool:
+    """False inside ``unfused()``."""
+    return _enabled
+
+
 def fused_on_gpu(fn):
     """``fn`` compiled into fused kernels when its first argument is a large tensor on a GPU; eager elsewhere,
     for small inputs, inside an already compiled model (which fuses this code with the rest), or if compiling

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torch import nn
 
 from x2v.errors import first_line
 from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
-from x2v.ops.fused import fused_on_gpu
+from x2v.ops.fused import fused_enabled, fused_on_gpu
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +38,32 @@ SCALED_MM_ADDS_BIAS: dict[str, bool] = {}
 
 
 @fused_on_gpu
-def quantize_activations(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization of a 2-D activation: ``(x_q, scale [rows, 1] float32)``."""
+def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization of a 2-D activation (after tanh-GELU with ``gelu``): ``(x_q, scale [rows, 1]
+    float32)``."""
+    if gelu:
+        x = F.gelu(x, approximate="tanh")
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / QMAX[kind]
     values = (x.float() / scale).clamp(-QMAX[kind], QMAX[kind])
     return (values.round() if kind == "int8" else values).to(QUANT_DTYPES[kind]), scale
+
+
+@dataclass
+class QuantizedInput:
+    """An activation quantized per row for the 8-bit matmuls; made once when several layers read it."""
+
+    values: torch.Tensor  # [rows, in] int8 / fp8 (int8: at least INT_MM_MIN_ROWS rows, zero-padded)
+    scale: torch.Tensor  # [rows, 1] float32
+    shape: torch.Size  # the activation's shape
+
+
+def quantize_input(x: torch.Tensor, kind: str, gelu: bool = False) -> QuantizedInput:
+    """``x`` [..., in] quantized for ``kind``'s matmul; ``gelu``: of tanh-GELU(x), in the same pass (the
+    feed-forward's activation, which then never exists in 16 bits)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if kind == "int8" and rows.shape[0] < INT_MM_MIN_ROWS:
+        rows = F.pad(rows, (0, 0, 0, INT_MM_MIN_ROWS - rows.shape[0]))  # GELU(0) = 0: the padding stays zero
+    return QuantizedInput(*quantize_activations(rows, kind, gelu), x.shape)
 
 
 @fused_on_gpu
@@ -51,22 +74,17 @@ def scale_int8_product(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: t
     return (out if bias is None else out + bias).to(out_dtype)
 
 
-def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def fp8_matmul(x: QuantizedInput, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                out_dtype) -> torch.Tensor:
-    x_q, x_scale = quantize_activations(x, "fp8")
-    fuse_bias = bias is None or SCALED_MM_ADDS_BIAS.get(x.device.type, False)
-    out = torch._scaled_mm(x_q, weight.t(), scale_a=x_scale, scale_b=weight_scale.view(1, -1),
-                           bias=bias if fuse_bias else None, out_dtype=out_dtype, use_fast_accum=x.is_cuda)
+    fuse_bias = bias is None or SCALED_MM_ADDS_BIAS.get(x.values.device.type, False)
+    out = torch._scaled_mm(x.values, weight.t(), scale_a=x.scale, scale_b=weight_scale.view(1, -1),
+                           bias=bias if fuse_bias else None, out_dtype=out_dtype, use_fast_accum=x.values.is_cuda)
     return out if fuse_bias else out + bias
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def int8_matmul(x: QuantizedInput, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                 out_dtype) -> torch.Tensor:
-    rows = x.shape[0]
-    if rows < INT_MM_MIN_ROWS:
-        x = F.pad(x, (0, 0, 0, INT_MM_MIN_ROWS - rows))
-    x_q, x_scale = quantize_activations(x, "int8")
-    return scale_int8_product(torch._int_mm(x_q, weight.t()), x_scale, weight_scale, bias, out_dtype)[:rows]
+    return scale_int8_product(torch._int_mm(x.values, weight.t()), x.scale, weight_scale, bias, out_dtype)
 
 
 MATMULS = {"fp8": fp8_matmul, "int8": int8_matmul}
@@ -104,8 +122,8 @@ def w8a8_available(kind: str, device: torch.device) -> bool:
         if kind == "fp8":
             SCALED_MM_ADDS_BIAS[device.type] = scaled_mm_takes_bias(device)
         try:
-            MATMULS[kind](probe, probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device), None,
-                          torch.bfloat16)
+            MATMULS[kind](quantize_input(probe, kind), probe.to(QUANT_DTYPES[kind]), torch.ones(32, 1, device=device),
+                          None, torch.bfloat16)
         except (RuntimeError, ValueError) as e:  # an older torch/cuBLAS without this kernel
             reason = f"the {kind} kernel failed on this device ({first_line(e)})"
     if reason:
@@ -147,9 +165,21 @@ class QuantLinear(nn.Module):
         x = x.to(self.compute_dtype)
         if not self.uses_w8a8(x.device):
             return F.linear(x, self.dequantized_weight(), self.bias)
-        out = MATMULS[self.kind](x.reshape(-1, self.in_features), self.weight, self.weight_scale, self.bias,
-                                 self.compute_dtype)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self.run_quantized(quantize_input(x, self.kind))
+
+    def run_quantized(self, x: QuantizedInput) -> torch.Tensor:
+        """The W8A8 matmul of an already quantized input (see ``shares_quantized_input``)."""
+        out = MATMULS[self.kind](x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
+        return out[:math.prod(x.shape[:-1])].view(*x.shape[:-1], self.out_features)
+
+
+def shares_quantized_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
+    """Whether ``layers``, which all read ``x``, can take one quantized copy of it (``quantize_input`` once, then
+    ``run_quantized`` each): plain 8-bit layers of one kind on the W8A8 kernel for ``x``'s device, without hooks
+    (a dynamic LoRA branch is one), and fusing not switched off (``x2v.ops.fused.unfused``)."""
+    return fused_enabled() and all(
+        type(layer) is QuantLinear and layer.kind == layers[0].kind and layer.uses_w8a8(x.device)
+        and not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
 
 
 def input_dtype(layer: nn.Module) -> torch.dtype:
