@@ -59,8 +59,9 @@ def kernel(name: str):
     try:
         return functools.partial(getattr(importlib.import_module(module), function), **kwargs)
     except (ImportError, AttributeError) as e:
-        log.warning("attention type %s needs the %s package (%s); torch SDPA runs instead.", name, module,
-                    first_line(e))
+        hint = "; x2v's own 8-bit attention, sage_triton, needs only Triton" if name.startswith("sage_attn") else ""
+        log.warning("attention type %s needs the %s package (%s); torch SDPA runs instead%s.", name, module,
+                    first_line(e), hint)
         return None
 
 
