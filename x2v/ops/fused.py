@@ -71,15 +71,20 @@ def fused_on_gpu(fn):
     return run
 
 
+def is_bare(layer: nn.Module, cls: type) -> bool:
+    """``layer`` is exactly a ``cls`` with no forward hooks (dynamic LoRA branches and offload are hooks), so its
+    computation may be done without calling it (fused with its neighbours)."""
+    return type(layer) is cls and not layer._forward_pre_hooks and not layer._forward_hooks
+
+
 def linear_gelu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``gelu(layer(x), approximate="tanh")``. On GPUs, for a plain half-precision ``nn.Linear`` with a bias, one
     cuBLAS call adds the bias and applies GELU in its epilogue: the GELU's own pass over the feed-forward's widest
     activation (32,760 x 13,824 at 14B / 480P) is gone. (``torch._addmm_activation`` computes the tanh form on
     CUDA, as torch's reference decomposition states; other layer kinds, e.g. 8-bit or with a LoRA branch, run
     as modules.)"""
-    if (_enabled and type(layer) is nn.Linear and layer.bias is not None and x.device.type in FUSED_DEVICES
-            and x.dtype in (torch.float16, torch.bfloat16) and layer.weight.dtype == x.dtype
-            and not layer._forward_pre_hooks and not layer._forward_hooks):
+    if (_enabled and is_bare(layer, nn.Linear) and layer.bias is not None and x.device.type in FUSED_DEVICES
+            and x.dtype in (torch.float16, torch.bfloat16) and layer.weight.dtype == x.dtype):
         out = torch._addmm_activation(layer.bias, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
         return out.view(*x.shape[:-1], out.shape[-1])
     return F.gelu(layer(x), approximate="tanh")

@@ -25,7 +25,7 @@ from torch import nn
 
 from x2v.errors import first_line
 from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
-from x2v.ops.fused import fused_enabled, fused_on_gpu
+from x2v.ops.fused import fused_enabled, fused_on_gpu, is_bare
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +178,7 @@ def shares_quantized_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bo
     ``run_quantized`` each): plain 8-bit layers of one kind on the W8A8 kernel for ``x``'s device, without hooks
     (a dynamic LoRA branch is one), and fusing not switched off (``x2v.ops.fused.unfused``)."""
     return fused_enabled() and all(
-        type(layer) is QuantLinear and layer.kind == layers[0].kind and layer.uses_w8a8(x.device)
-        and not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+        is_bare(layer, QuantLinear) and layer.kind == layers[0].kind and layer.uses_w8a8(x.device) for layer in layers)
 
 
 def input_dtype(layer: nn.Module) -> torch.dtype:
