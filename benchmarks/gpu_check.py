@@ -131,51 +131,68 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
     return failures
 
 
+def attention_calls() -> list[tuple[str, object, float]]:
+    """x2v's 8-bit attention types with each precision option: (name, call(q, k, v), bound on the rel. L2 error to
+    float32 SDPA). Random values with zero mean are fp8's worst case: ~4e-2 (sage_triton) and ~5e-2 (cudnn_fp8)
+    expected (docs/performance.md)."""
+    from x2v.ops import sage_triton as sage
+
+    calls = [(f"sage_triton QK {str(qk).split('.')[-1]} PV {'fp8' if pv else 'bf16'}",
+              lambda q, k, v, qk=qk, pv=pv: sage.sage_attention(q, k, v, qk_dtype=qk, pv_fp8=pv), bound)
+             for qk, pv, bound in ((torch.int8, True, 6e-2), (sage.FP8, True, 8e-2), (torch.int8, False, 2e-2))]
+    try:
+        from x2v.ops.cudnn_fp8 import cudnn_fp8_attention
+    except ImportError as e:
+        print(f"FAIL cudnn_fp8: {e} (carry the nvidia-cudnn-frontend wheel)")
+        return calls + [("cudnn_fp8", None, 0.0)]
+    return calls + [("cudnn_fp8", cudnn_fp8_attention, 8e-2)]
+
+
 def check_attention_kernels(model: Path, gpu: str) -> list[str]:
-    """x2v's 8-bit attention (``sage_triton``) against float32 SDPA: alone with each precision option, at lengths
-    that are no multiple of the blocks and large enough for the compiled quantization, and inside a DiT."""
+    """x2v's 8-bit attention types (``sage_triton``, ``cudnn_fp8``) against float32 SDPA: alone, at lengths that
+    are no multiple of the blocks and large enough for the compiled quantization, and inside a DiT (also in
+    ``use_compile`` blocks)."""
     from x2v.loading.dit import load_dit
     from x2v.ops import attention as attn
 
     if gpu == "cpu":
         return []
-    from x2v.ops import sage_triton as sage
-
     failures = []
     g = torch.Generator().manual_seed(0)
     for q_len, kv_len in ((1000, 700), (8200, 8200), (8200, 512)):
         q, k, v = (torch.randn(1, n, 8, 128, generator=g).to(gpu, torch.bfloat16) for n in (q_len, kv_len, kv_len))
         k = k + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16)  # a key offset, as real keys have
-        # Bounds: random values with zero mean are fp8's worst case, ~4e-2 expected (docs/performance.md).
         want = attn.sdpa(q.float(), k.float(), v.float())
-        for qk, pv, bound in ((torch.int8, True, 6e-2), (sage.FP8, True, 8e-2), (torch.int8, False, 2e-2)):
+        for name, call, bound in attention_calls():
             try:
-                out = sage.sage_attention(q, k, v, qk_dtype=qk, pv_fp8=pv)
+                out = call(q, k, v)
                 rel = ((out.float() - want).norm() / want.norm()).item()
-            except Exception as e:  # noqa: BLE001 - report which option does not build on this card
-                rel, bound = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            except Exception as e:  # noqa: BLE001 - report which kernel or option does not run on this card
+                rel, bound = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             ok = rel <= bound if isinstance(bound, float) else False
-            print(f"{'ok ' if ok else 'FAIL'} sage_triton {q_len}x{kv_len} QK {str(qk).split('.')[-1]} "
-                  f"PV {'fp8' if pv else 'bf16'}: rel. L2 to float32 SDPA {rel:.2e} (bound {bound})")
-            failures += [] if ok else [f"sage_triton {q_len}x{kv_len} {qk} {pv}"]
-    dit = load_dit(model, device=gpu, dtype=torch.bfloat16)
-    x = torch.randn(1, dit.config.in_dim, 5, 32, 32, generator=g).to(gpu)
-    context = torch.randn(1, 30, dit.config.text_dim, generator=g).to(gpu)
-    t = torch.tensor([700.0], device=gpu)
-    with torch.no_grad():
-        want = dit(x, t, context).float()
-        dit.set_attention("sage_triton", "sage_triton", "sage_triton")
-        eager = dit(x, t, context).float()
-        rel = ((eager - want).norm() / want.norm()).item()
-        ok = rel <= 5e-2 and "sage_triton" not in attn.failed_types
-        print(f"{'ok ' if ok else 'FAIL'} DiT with sage_triton attention vs torch SDPA: rel. L2 {rel:.2e}, kernel "
-              f"ran: {'sage_triton' not in attn.failed_types}")
-        failures += [] if ok else ["sage_triton DiT"]
-        compile_blocks(dit, gpu)  # use_compile: the kernel inside compiled blocks
-        rel = ((dit(x, t, context).float() - eager).norm() / eager.norm()).item()
-    ok = rel <= 1e-2 and "sage_triton" not in attn.failed_types
-    print(f"{'ok ' if ok else 'FAIL'} DiT with sage_triton, use_compile vs eager: rel. L2 {rel:.2e}")
-    return failures + ([] if ok else ["sage_triton use_compile"])
+            print(f"{'ok ' if ok else 'FAIL'} {name} {q_len}x{kv_len}: rel. L2 to float32 SDPA {rel:.2e} "
+                  f"(bound {bound})", flush=True)
+            failures += [] if ok else [f"{name} {q_len}x{kv_len}"]
+    for backend, bound in (("sage_triton", 5e-2), ("cudnn_fp8", 8e-2)):
+        dit = load_dit(model, device=gpu, dtype=torch.bfloat16)
+        x = torch.randn(1, dit.config.in_dim, 5, 32, 32, generator=g).to(gpu)
+        context = torch.randn(1, 30, dit.config.text_dim, generator=g).to(gpu)
+        t = torch.tensor([700.0], device=gpu)
+        with torch.no_grad():
+            want = dit(x, t, context).float()
+            dit.set_attention(backend, backend, backend)
+            eager = dit(x, t, context).float()
+            rel = ((eager - want).norm() / want.norm()).item()
+            ok = rel <= bound and backend not in attn.failed_types
+            print(f"{'ok ' if ok else 'FAIL'} DiT with {backend} attention vs torch SDPA: rel. L2 {rel:.2e}, kernel "
+                  f"ran: {backend not in attn.failed_types}", flush=True)
+            failures += [] if ok else [f"{backend} DiT"]
+            compile_blocks(dit, gpu)  # use_compile: the kernel inside compiled blocks
+            rel = ((dit(x, t, context).float() - eager).norm() / eager.norm()).item()
+        ok = rel <= 1e-2 and backend not in attn.failed_types
+        print(f"{'ok ' if ok else 'FAIL'} DiT with {backend}, use_compile vs eager: rel. L2 {rel:.2e}", flush=True)
+        failures += [] if ok else [f"{backend} use_compile"]
+    return failures
 
 
 def main() -> None:

@@ -42,10 +42,14 @@ def test_unknown_attention_type_is_refused(t2v):
         model.set_attention("flash3")
 
 
-@pytest.mark.parametrize("name, notice", [("flash_attn3", "needs the flash_attn_interface package"),
+@pytest.mark.parametrize("name, notice", [("flash_attn3", "needs FlashAttention 3"),
+                                          ("sage_attn2", "own 8-bit attention types sage_triton / cudnn_fp8"),
+                                          ("cudnn_fp8", "needs nvidia-cudnn-frontend"),
                                           ("radial_attn", "not implemented in x2v")])
-def test_unavailable_types_fall_back_to_sdpa_with_a_notice(t2v, caplog, name, notice):
-    sys.modules.pop("flash_attn_interface", None)
+def test_unavailable_types_fall_back_to_sdpa_with_a_notice(t2v, caplog, monkeypatch, name, notice):
+    for package in ("flash_attn_interface", "sageattention", "cudnn"):
+        monkeypatch.setitem(sys.modules, package, None)  # not installed, even where it is
+    monkeypatch.delitem(sys.modules, "x2v.ops.cudnn_fp8", raising=False)
     model = x2v.load_dit(t2v, dtype=torch.float32)
     x, t, context = inputs(model)
     with torch.no_grad():

@@ -1,9 +1,10 @@
 """Attention entry point shared by every network, and the optional kernels LightX2V's attention keys name.
 
 ``torch_sdpa`` is always there (PyTorch picks its fastest kernel for the card: cuDNN or flash on H100/H200).
-``flash_attn2`` / ``flash_attn3`` / ``sage_attn2`` ... call their packages when installed, ``sage_triton`` is x2v's
-own 8-bit kernel (needs Triton, which CUDA builds of PyTorch bring); otherwise, for inputs a kernel cannot take
-(CPU, float32), or if a kernel fails (e.g. does not compile for the card), the call runs torch SDPA, announced once.
+``flash_attn2`` / ``flash_attn3`` / ``sage_attn2`` ... call their packages when installed; x2v's own 8-bit types are
+``sage_triton`` (a Triton kernel; CUDA builds of PyTorch bring Triton) and ``cudnn_fp8`` (cuDNN's fp8 attention;
+needs ``nvidia-cudnn-frontend``). Otherwise, for inputs a kernel cannot take (CPU, float32), or if a kernel fails
+(e.g. does not build for the card), the call runs torch SDPA, announced once.
 """
 
 from __future__ import annotations
@@ -21,14 +22,18 @@ log = logging.getLogger(__name__)
 
 TORCH_SDPA = "torch_sdpa"
 
-# LightX2V attention type -> (module, function, keyword arguments); every kernel takes [B, L, heads, d].
+# Attention type -> (module, function, keyword arguments, what to install); every kernel takes [B, L, heads, d].
 KERNELS = {
-    "flash_attn2": ("flash_attn", "flash_attn_func", {}),
-    "flash_attn3": ("flash_attn_interface", "flash_attn_func", {}),
-    "sage_attn2": ("sageattention", "sageattn", {"tensor_layout": "NHD"}),
-    "sage_attn2_k_int8_v_fp8": ("sageattention", "sageattn_qk_int8_pv_fp8_cuda", {"tensor_layout": "NHD"}),
-    "sage_triton": ("x2v.ops.sage_triton", "sage_attention", {}),  # int8 Q·K, fp8 P·V (x2v's own, in Triton)
+    "flash_attn2": ("flash_attn", "flash_attn_func", {}, "flash-attn"),
+    "flash_attn3": ("flash_attn_interface", "flash_attn_func", {}, "FlashAttention 3 (built from its repository)"),
+    "sage_attn2": ("sageattention", "sageattn", {"tensor_layout": "NHD"}, "sageattention"),
+    "sage_attn2_k_int8_v_fp8": ("sageattention", "sageattn_qk_int8_pv_fp8_cuda", {"tensor_layout": "NHD"},
+                                "SageAttention 2 (built from its repository)"),
+    # x2v's own 8-bit types: int8 Q·K + fp8 P·V in Triton; cuDNN's fp8 attention
+    "sage_triton": ("x2v.ops.sage_triton", "sage_attention", {}, "triton"),
+    "cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention", {}, "nvidia-cudnn-frontend"),
 }
+OWN_8BIT = ("sage_triton", "cudnn_fp8")
 # Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
 NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2_attn", "nbhd_attn",
                    "nbhd_attn_flashinfer", "sparge_attn", "spas_sage_attn2", "spas_sage_attn3", "spas_flash_attn4",
@@ -55,13 +60,13 @@ def kernel(name: str):
     if name not in KERNELS:
         raise ValueError(f"unknown attention type {name!r}; expected {TORCH_SDPA}, {', '.join(KERNELS)} "
                          f"(or one of LightX2V's other types, which run torch SDPA)")
-    module, function, kwargs = KERNELS[name]
+    module, function, kwargs, package = KERNELS[name]
     try:
         return functools.partial(getattr(importlib.import_module(module), function), **kwargs)
     except (ImportError, AttributeError) as e:
-        hint = "; x2v's own 8-bit attention, sage_triton, needs only Triton" if name.startswith("sage_attn") else ""
-        log.warning("attention type %s needs the %s package (%s); torch SDPA runs instead%s.", name, module,
-                    first_line(e), hint)
+        hint = (f"; x2v's own 8-bit attention types {' / '.join(OWN_8BIT)} need only Triton / cuDNN's frontend"
+                if name.startswith("sage_attn") else "")
+        log.warning("attention type %s needs %s (%s); torch SDPA runs instead%s.", name, package, first_line(e), hint)
         return None
 
 
