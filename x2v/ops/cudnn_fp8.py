@@ -143,12 +143,17 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     v8, v_scale = quantize(v, False)
     half_output = capability(q.device) >= HALF_OUTPUT_CAPABILITY
     out = torch.empty(q.shape, dtype=q.dtype if half_output else FP8, device=q.device)
-    graph = planned(q8, k8, v8, out)
     data = dict(constants(q.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
     if not half_output:
         data["scale_o"], o_descale = output_scales(v_scale)
-    workspace = torch.empty(graph.workspace, dtype=torch.uint8, device=q.device)
-    cudnn_handle = handle(q.device.index)
-    cudnn.set_stream(cudnn_handle, torch.cuda.current_stream(q.device).cuda_stream)
-    graph.graph.execute({graph.tensors[name]: x for name, x in data.items()}, workspace, handle=cudnn_handle)
+    execute(planned(q8, k8, v8, out), data)
     return out if half_output else dequantize(out, o_descale, q.dtype)
+
+
+def execute(graph: Graph, data: dict[str, torch.Tensor]) -> None:
+    """Run the built graph on ``data`` (tensors by operand name) on the current CUDA stream; fills ``data["o"]``."""
+    device = data["o"].device
+    workspace = torch.empty(graph.workspace, dtype=torch.uint8, device=device)
+    cudnn_handle = handle(device.index)
+    cudnn.set_stream(cudnn_handle, torch.cuda.current_stream(device).cuda_stream)
+    graph.graph.execute({graph.tensors[name]: x for name, x in data.items()}, workspace, handle=cudnn_handle)
