@@ -5,8 +5,10 @@
 
 ``--variants`` picks the x2v configurations (default: bf16, and on a GPU fp8 and int8: the same weights quantized
 per output channel, as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), e.g.
-``--variants bf16 bf16-unfused bf16-compiled fp8 fp8-sage_triton``; ``--attention-check sage_triton`` also times the
-attention kernels alone with their accuracy (for ``sage_triton`` each candidate tiling: the fastest is then used).
+``--variants bf16 bf16-unfused bf16-compiled fp8 fp8-sage_triton``; ``--attention-check sage_triton cudnn_fp8`` also
+times the attention kernels alone with their accuracy (for ``sage_triton`` each candidate tiling at the
+self-attention's shape: this run's variants then use the fastest); ``--attention-check ... --variants`` (no names)
+runs only that check.
 
 Weights are random (the timing does not depend on them). Both models share the same weight tensors
 (x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
@@ -203,7 +205,7 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
                    for n in (tokens, kv_tokens, kv_tokens))
         # each kernel called itself, so that one which fails says so instead of falling back to SDPA
         calls = {b: partial(kernel(b) or attention, q, k, v) for b in backends}
-        if "sage_triton" in backends and device.startswith("cuda"):
+        if "sage_triton" in backends and device.startswith("cuda") and shape == "self":  # where its speed counts
             sage_calls, tiling_of = sage_triton_calls(q, k, v)
             calls.update(sage_calls)
         if device.startswith("cuda"):
@@ -261,10 +263,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each after the accuracy run")
     parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", metavar="VARIANT",
+    parser.add_argument("--variants", nargs="*", metavar="VARIANT",
                         help="x2v configurations next to diffusers: WEIGHTS[-OPTION...] with WEIGHTS the dtype "
                              "(bf16), fp8 or int8, and options 'compiled' (use_compile), 'unfused' (norms op by op) "
-                             "or an attention type (sage_attn2, flash_attn3 ...). Default: bf16, and fp8 int8 on a GPU")
+                             "or a self-attention type (sage_triton, cudnn_fp8 ...). Default: bf16, and fp8 int8 on "
+                             "a GPU; none (the option alone): only the attention check, no forward")
     parser.add_argument("--attention-check", nargs="*", metavar="TYPE",
                         help="also time these attention types alone (torch_sdpa always) at the self-attention's "
                              "shape, with their accuracy against float32")
@@ -275,7 +278,7 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     device = args.device
     default = [args.dtype] + (["fp8", "int8"] if device.startswith("cuda") else [])
-    variants = [Variant.parse(name, args.dtype) for name in args.variants or default]
+    variants = [Variant.parse(name, args.dtype) for name in (default if args.variants is None else args.variants)]
 
     latent, tokens = latent_input(args, device)
     results = []
@@ -283,6 +286,10 @@ def main() -> None:
         cfg = SIZES[size]
         if args.attention_check is not None:
             results += attention_check([TORCH_SDPA, *args.attention_check], cfg, tokens, device, args.iters)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+        if not variants:
+            continue
         reference = diffusers_model(cfg, dtype, device)
         models = {"diffusers": lambda x, t, c: reference(x, t, c, return_dict=False)[0]}
         shared: dict[str, WanDiT] = {}  # one model per weight kind for the variants that do not compile

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open speed work needs, in one run (about 14 minutes of steps; a session's device time
-# is 15 minutes with the machine's start, so the first call should be `attention_8bit vae_720p` (7.5 min), then
-# `gpu_check` and `multikernel` if time is left).
+# Every GPU measurement the open speed work needs, in one run (about 14 minutes of steps at most). A session's device
+# time is 15 minutes including the machine's start and one command may run 10, so the first call should be
+# `attention_kernels forward_14b vae_720p` (at most 9.5 min), then `gpu_check` if time is left, `multikernel` after.
 # Each step has its own time limit and writes its output under $OUT as it goes, so a cut-off run still reports.
 #
-#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-4; carry .whl/ and .whl_gpu/)
+#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-5; carry .whl/ and .whl_gpu/)
 #
 # The wheels the device image lacks (both folders are git-ignored), fetched here once for its Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -35,15 +35,19 @@ step() {  # name, seconds, command...
   grep -v "^USDT" "$OUT/$name.log" | tail -n 14 >> "$OUT/summary.txt"
 }
 
-# 1. x2v's 8-bit attention types alone (sage_triton with each candidate tiling and precision option, cudnn_fp8:
-#    speed, accuracy against float32), then the 14B forward next to diffusers: bf16, fp8, fp8 + each 8-bit attention.
-step attention_8bit 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 --attention-check sage_triton cudnn_fp8 \
-  --variants bf16 fp8 fp8-sage_triton fp8-cudnn_fp8 --json "$OUT/attention_8bit.json"
-# 2. VAE decode at 720P, 81 frames, untiled vs tiled: seconds and peak memory (does it fit a 24 GB card).
+# 1. x2v's 8-bit attention types alone at the 14B self- and cross-attention shapes, next to cuDNN's bf16 attention:
+#    sage_triton with each candidate tiling and precision option, cudnn_fp8; speed and accuracy against float32.
+step attention_kernels 150 python3 benchmarks/dit_step.py --sizes 14B --iters 3 --attention-check sage_triton \
+  cudnn_fp8 --variants --json "$OUT/attention_kernels.json"
+# 2. The 14B 480P forward next to diffusers: bf16, fp8, and fp8 with each 8-bit self-attention (sage_triton with its
+#    default tiling; step 1 says whether another is faster).
+step forward_14b 270 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
+  --variants bf16 fp8 fp8-sage_triton fp8-cudnn_fp8 --json "$OUT/forward_14b.json"
+# 3. VAE decode at 720P, 81 frames, untiled vs tiled: seconds and peak memory (does it fit a 24 GB card).
 step vae_720p 150 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
-# 3. Correctness on the card: 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
+# 4. Correctness on the card: 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
 step gpu_check 180 python3 benchmarks/gpu_check.py
-# 4. Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide
+# 5. Inductor's multi-kernel mode also generates one-pass (persistent) kernels for the norms' 5,120-wide
 #    reductions and keeps the faster: the candidate fix for LayerNorm kernels at a third of memory speed.
 step multikernel 200 env TORCHINDUCTOR_MULTI_KERNEL=1 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 fp8-cudnn_fp8 --json "$OUT/multikernel.json"
