@@ -4,11 +4,13 @@ graph, built and validated by NVIDIA's frontend for Wan's shapes."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
 import torch
 
+from x2v.ops import attention
 from x2v.ops.attention import sdpa
 
 pytest.importorskip("cudnn", reason="NVIDIA's cuDNN frontend is not installed: pip install --no-deps "
@@ -80,3 +82,19 @@ def test_graph_validates_for_wan_shapes(kv_len, sm_version, out_dtype):
                                   "descale_s", "scale_s", "scale_o"}
     assert list(graph.tensors["k"].dim) == [1, 40, kv_len, 128]
     assert list(graph.tensors["k"].stride) == [kv_len * 40 * 128, 128, 40 * 128, 1]  # heads interleaved per token
+
+
+def test_older_cards_are_refused_before_any_work(monkeypatch, caplog):
+    """Before Hopper cuDNN has no fp8 attention: the call says so, and attention() runs SDPA instead, once told."""
+    monkeypatch.setattr(cudnn_fp8, "capability", lambda device: (8, 6))
+    monkeypatch.setattr(cudnn_fp8, "execute", lambda graph, data: pytest.fail("cuDNN was called"))
+    q, k, v = (x.to(torch.bfloat16) for x in qkv(3))
+    with pytest.raises(RuntimeError, match="needs a Hopper or newer GPU .* this one is 8.6: use sage_triton"):
+        cudnn_fp8.cudnn_fp8_attention(q, k, v)
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "failed_types", set())
+    attention.kernel.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            assert torch.equal(attention.attention(q, k, v, "cudnn_fp8"), sdpa(q, k, v))
+    assert sum("cudnn_fp8 failed" in r.getMessage() for r in caplog.records) == 1

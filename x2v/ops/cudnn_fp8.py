@@ -26,6 +26,7 @@ from x2v.ops.fused import fused_on_gpu
 FP8 = QUANT_DTYPES["fp8"]
 FP8_MAX = QMAX["fp8"]
 OUTPUT_HEADROOM = 2.0  # an fp8 output's scale leaves room above max |V| (P's rounding can push a row a bit past it)
+FP8_ATTENTION_CAPABILITY = (9, 0)  # cuDNN's fp8 attention: Hopper and later
 HALF_OUTPUT_CAPABILITY = (10, 0)  # cuDNN writes bf16 / fp16 from fp8 attention on Blackwell and later only
 CUDNN_TYPES = {torch.bfloat16: "BFLOAT16", torch.float16: "HALF", FP8: "FP8_E4M3"}
 SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")  # sdpa_fp8's order
@@ -138,6 +139,9 @@ def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
 def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
     (scale 1/sqrt(D), no mask)."""
+    if capability(q.device) < FP8_ATTENTION_CAPABILITY:
+        raise RuntimeError(f"cuDNN's fp8 attention needs a Hopper or newer GPU (compute capability 9.0); this one "
+                           f"is {'.'.join(map(str, capability(q.device)))}: use sage_triton there")
     q8, q_scale = quantize(q, False)
     k8, k_scale = quantize(k, True)
     v8, v_scale = quantize(v, False)
