@@ -194,8 +194,8 @@ class Variant:
 
 def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device: str, iters: int) -> list[dict]:
     """Each attention type on random q/k/v of the self-attention's shape and of the cross-attention's (512 text
-    tokens): seconds per call and relative L2 to float32 SDPA (the 8-bit kernels' accuracy). On a GPU also each
-    of torch SDPA's own kernels, to see whether torch picks the fastest."""
+    tokens): seconds per call and relative L2 to float32 and bf16 SDPA (the 8-bit kernels' accuracy). On a GPU
+    also each of torch SDPA's own kernels, to see whether torch picks the fastest."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     g = torch.Generator(device).manual_seed(2)
@@ -216,22 +216,22 @@ def attention_check(backends: list[str], cfg: WanDiTConfig, tokens: int, device:
                 calls[f"sdpa {name.split('_')[0].lower()}"] = forced
         measured = []
         with torch.inference_mode():
-            want = attention(q.float(), k.float(), v.float())
+            want, bf16 = attention(q.float(), k.float(), v.float()), attention(q, k, v)
             for name, call in list(calls.items()):
                 try:
-                    rel = relative_l2(call(), want)
+                    out = call()
                 except Exception as e:  # noqa: BLE001 - a kernel this card, shape or installation does not have
                     print(f"{shape} attention {name:>14}: not run ({type(e).__name__}: {first_line(e)})", flush=True)
                     del calls[name]
                     continue
                 measured.append(dict(attention=name, shape=shape, tokens=tokens, kv_tokens=kv_tokens,
-                                     rel_l2_to_fp32=rel))
+                                     rel_l2_to_fp32=relative_l2(out, want), rel_l2_to_bf16_sdpa=relative_l2(out, bf16)))
             seconds = timed_alternating(list(calls.values()), 1, iters, device)
         flops = 4 * tokens * kv_tokens * cfg.dim
         for r, s in zip(measured, seconds):
             r.update(seconds=s, tflops=flops / s / 1e12)
             print(f"{shape} attention {r['attention']:>30}: {s * 1e3:.2f} ms ({r['tflops']:.0f} TFLOP/s), rel. L2 "
-                  f"to float32 SDPA {r['rel_l2_to_fp32']:.1e}", flush=True)
+                  f"to float32 SDPA {r['rel_l2_to_fp32']:.1e}, to bf16 SDPA {r['rel_l2_to_bf16_sdpa']:.1e}", flush=True)
         results += measured
     tilings = [r for r in results if r["shape"] == "self" and r["attention"] in tiling_of]
     if tilings:  # the DiT variants below run the fastest
