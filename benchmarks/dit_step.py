@@ -269,8 +269,8 @@ def main() -> None:
                              "or a self-attention type (sage_triton, cudnn_fp8 ...). Default: bf16, and fp8 int8 on "
                              "a GPU; none (the option alone): only the attention check, no forward")
     parser.add_argument("--attention-check", nargs="*", metavar="TYPE",
-                        help="also time these attention types alone (torch_sdpa always) at the self-attention's "
-                             "shape, with their accuracy against float32")
+                        help="also time these attention types alone (torch_sdpa always) at the self- and "
+                             "cross-attention's shapes, with their accuracy against float32 and bf16 SDPA")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
                         help="print the top operators of one forward of each")
@@ -315,7 +315,7 @@ def main() -> None:
                 try:
                     out = model(x, t, context).float()
                 except Exception as e:  # noqa: BLE001 - one failing variant must not cost the others' figures
-                    print(f"{size} {name}: FAILED, not timed: {type(e).__name__}: {str(e).splitlines()[0]}")
+                    print(f"{size} {name}: FAILED, not timed: {type(e).__name__}: {first_line(e)}")
                     del models[name]
                     continue
                 if variant_of[name].attention in failed_types:

@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dit_step import relative_l2  # noqa: E402
 from x2v.demo import write_tiny_model  # noqa: E402
 from x2v.errors import first_line  # noqa: E402
 from x2v.pipelines.wan import Pipeline, compile_blocks  # noqa: E402
@@ -123,7 +124,7 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
             for mode in ("weight-only", "auto"):
                 set_quant_mode(dit, mode)
                 outputs[mode] = dit(x, t, context)
-        rel = ((outputs["auto"] - outputs["weight-only"]).norm() / outputs["weight-only"].norm()).item()
+        rel = relative_l2(outputs["auto"], outputs["weight-only"])
         kernel = w8a8_available(kind, torch.device(gpu))
         ok = rel <= bound and (kernel or gpu == "cpu")
         print(f"{'ok ' if ok else 'FAIL'} {kind}: 8-bit kernel used: {kernel}; vs per-layer dequantization "
@@ -149,7 +150,7 @@ def attention_calls() -> list[tuple[str, object, float]]:
     return calls + [("cudnn_fp8", cudnn_fp8_attention, 8e-2)]
 
 
-def check_attention_kernels(model: Path, gpu: str) -> list[str]:
+def check_attention_kernels(root: Path, gpu: str) -> list[str]:
     """x2v's 8-bit attention types (``sage_triton``, ``cudnn_fp8``) against float32 SDPA: alone, at lengths that
     are no multiple of the blocks and large enough for the compiled quantization, and inside a DiT (also in
     ``use_compile`` blocks)."""
@@ -158,22 +159,22 @@ def check_attention_kernels(model: Path, gpu: str) -> list[str]:
 
     if gpu == "cpu":
         return []
-    failures = []
+    failures, calls = [], attention_calls()
     g = torch.Generator().manual_seed(0)
     for q_len, kv_len in ((1000, 700), (8200, 8200), (8200, 512)):
         q, k, v = (torch.randn(1, n, 8, 128, generator=g).to(gpu, torch.bfloat16) for n in (q_len, kv_len, kv_len))
         k = k + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16)  # a key offset, as real keys have
         want = attn.sdpa(q.float(), k.float(), v.float())
-        for name, call, bound in attention_calls():
+        for name, call, bound in calls:
             try:
-                out = call(q, k, v)
-                rel = ((out.float() - want).norm() / want.norm()).item()
+                rel = relative_l2(call(q, k, v), want)
             except Exception as e:  # noqa: BLE001 - report which kernel or option does not run on this card
                 rel, bound = float("nan"), f"{type(e).__name__}: {first_line(e)[:300]}"
             ok = rel <= bound if isinstance(bound, float) else False
             print(f"{'ok ' if ok else 'FAIL'} {name} {q_len}x{kv_len}: rel. L2 to float32 SDPA {rel:.2e} "
                   f"(bound {bound})", flush=True)
             failures += [] if ok else [f"{name} {q_len}x{kv_len}"]
+    model = write_tiny_model(root / "attention", "t2v")
     for backend, bound in (("sage_triton", 5e-2), ("cudnn_fp8", 8e-2)):
         dit = load_dit(model, device=gpu, dtype=torch.bfloat16)
         x = torch.randn(1, dit.config.in_dim, 5, 32, 32, generator=g).to(gpu)
@@ -183,13 +184,13 @@ def check_attention_kernels(model: Path, gpu: str) -> list[str]:
             want = dit(x, t, context).float()
             dit.set_attention(backend, backend, backend)
             eager = dit(x, t, context).float()
-            rel = ((eager - want).norm() / want.norm()).item()
+            rel = relative_l2(eager, want)
             ok = rel <= bound and backend not in attn.failed_types
             print(f"{'ok ' if ok else 'FAIL'} DiT with {backend} attention vs torch SDPA: rel. L2 {rel:.2e}, kernel "
                   f"ran: {backend not in attn.failed_types}", flush=True)
             failures += [] if ok else [f"{backend} DiT"]
             compile_blocks(dit, gpu)  # use_compile: the kernel inside compiled blocks
-            rel = ((dit(x, t, context).float() - eager).norm() / eager.norm()).item()
+            rel = relative_l2(dit(x, t, context), eager)
         ok = rel <= 1e-2 and backend not in attn.failed_types
         print(f"{'ok ' if ok else 'FAIL'} DiT with {backend}, use_compile vs eager: rel. L2 {rel:.2e}", flush=True)
         failures += [] if ok else [f"{backend} use_compile"]
@@ -204,7 +205,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}")
     root = args.out or Path(tempfile.mkdtemp())
-    failures = check_attention_kernels(write_tiny_model(root / "attention", "t2v"), args.device)
+    failures = check_attention_kernels(root, args.device)
     failures += check_quantized_load(root, args.device) + check_pipelines(root, args.device) + check_offload(
         root, args.device)
     print("all GPU checks passed" if not failures else f"FAILED: {failures}")

@@ -92,9 +92,9 @@ def main() -> None:
     parser.add_argument("--tilings", choices=["default", "all"], default="all")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    default = sage.TILING if args.arch >= 90 else sage.TILING_BEFORE_HOPPER
+    default, pv_fp8 = sage.defaults(divmod(args.arch, 10))
     tilings = sage.CANDIDATES if args.tilings == "all" else (default,)
-    if args.arch >= 10 * sage.FP8_CAPABILITY[0] + sage.FP8_CAPABILITY[1]:
+    if pv_fp8:
         variants = [(t, torch.int8, True) for t in tilings]
         variants += [(default, sage.FP8, True), (default, torch.int8, False)]
     else:  # no fp8: what sage_attention runs there

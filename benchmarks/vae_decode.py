@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from x2v.errors import first_line  # noqa: E402
 from x2v.loading.weights import build_on_meta  # noqa: E402
 from x2v.models.vae import Wan21VAE, Wan21VAEConfig  # noqa: E402
 from x2v.models.vae22 import Wan22VAE, Wan22VAEConfig  # noqa: E402
@@ -131,7 +132,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
             except torch.OutOfMemoryError as e:
-                print(f"Wan{name} VAE {mode}: out of memory ({str(e).splitlines()[0]})", flush=True)
+                print(f"Wan{name} VAE {mode}: out of memory ({first_line(e)})", flush=True)
                 results.append(dict(vae=name, mode=mode, out_of_memory=True))
                 continue
             seconds = time.perf_counter() - start

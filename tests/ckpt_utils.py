@@ -54,3 +54,8 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, tol: flo
     scale = expected.abs().max().item()
     err = (actual - expected).abs().max().item()
     assert err <= tol * scale, f"max abs diff {err:.3e} > {tol:g} x output scale {scale:.3e}"
+
+
+def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected||, in float32."""
+    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import x2v
+from ckpt_utils import relative_l2
 from x2v.cli.main import main
 from x2v.convert import ConversionError, convert, parse_lora
 from x2v.convert.layouts import from_metadata, parse_size
@@ -61,10 +62,6 @@ def assert_aligned(path: Path) -> None:
     for name, info in header.items():
         if name != "__metadata__":
             assert (start + info["data_offsets"][0]) % SAFETENSORS_DTYPES[info["dtype"]].itemsize == 0, name
-
-
-def relative_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).norm() / expected.float().norm()).item()
 
 
 # --- the streaming writer ------------------------------------------------------------------------------------------

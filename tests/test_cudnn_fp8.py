@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from ckpt_utils import relative_l2
 from x2v.ops import attention
 from x2v.ops.attention import sdpa
 
@@ -17,10 +18,6 @@ pytest.importorskip("cudnn", reason="NVIDIA's cuDNN frontend is not installed: p
                                     "nvidia-cudnn-frontend (README's test command does)")
 from x2v.ops import cudnn_fp8  # noqa: E402
 from x2v.ops.cudnn_fp8 import FP8, FP8_MAX, make_graph, quantize  # noqa: E402
-
-
-def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
 def qkv(seed: int, q_len: int = 96, kv_len: int = 80, heads: int = 2, head_dim: int = 64, offset: float = 0.0):

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import x2v
+from ckpt_utils import relative_l2
 from x2v.demo import write_tiny_model
 from x2v.ops import attention as attn
 
@@ -40,10 +41,6 @@ def sage():
         pytest.skip(f"Triton's interpreter fails here ({e}); Triton < 3.7 with numpy >= 2.4: pip install 'triton>=3.7'")
     assert count.item() == 3
     return importlib.import_module("x2v.ops.sage_triton")
-
-
-def relative_l2(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want).norm() / want.norm()).item()
 
 
 def qkv(batch, q_len, kv_len, heads, head_dim, dtype, seed=0, offsets=True):

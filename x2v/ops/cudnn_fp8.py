@@ -139,13 +139,14 @@ def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
 def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
     (scale 1/sqrt(D), no mask)."""
-    if capability(q.device) < FP8_ATTENTION_CAPABILITY:
+    card = capability(q.device)
+    if card < FP8_ATTENTION_CAPABILITY:
         raise RuntimeError(f"cuDNN's fp8 attention needs a Hopper or newer GPU (compute capability 9.0); this one "
-                           f"is {'.'.join(map(str, capability(q.device)))}: use sage_triton there")
+                           f"is {'.'.join(map(str, card))}: use sage_triton there")
     q8, q_scale = quantize(q, False)
     k8, k_scale = quantize(k, True)
     v8, v_scale = quantize(v, False)
-    half_output = capability(q.device) >= HALF_OUTPUT_CAPABILITY
+    half_output = card >= HALF_OUTPUT_CAPABILITY
     out = torch.empty(q.shape, dtype=q.dtype if half_output else FP8, device=q.device)
     data = dict(constants(q.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
     if not half_output:

@@ -182,14 +182,17 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Ti
     """Softmax attention with 8-bit matmuls: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in
     ``q``'s dtype (scale 1/sqrt(D), no mask). ``qk_dtype``: int8 (exact products) or fp8 e4m3 for Q and K;
     ``pv_fp8``: P·V in fp8 (default where the card has fp8 tensor cores) or in ``q``'s dtype."""
-    capability = device_capability(q.device)
-    if tiling is None:
-        tiling = TILING if capability >= (9, 0) else TILING_BEFORE_HOPPER
-    if pv_fp8 is None:
-        pv_fp8 = capability >= FP8_CAPABILITY
+    default_tiling, default_pv_fp8 = defaults(device_capability(q.device))
+    tiling = default_tiling if tiling is None else tiling
+    pv_fp8 = default_pv_fp8 if pv_fp8 is None else pv_fp8
     launch = kernel_launch(q, k, v, tiling, qk_dtype, pv_fp8)
     _attention_kernel[launch.grid](*launch.args, **launch.constants, **launch.options)
     return launch.out
+
+
+def defaults(capability: tuple[int, int]) -> tuple[Tiling, bool]:
+    """The tiling and whether P·V runs in fp8, for a card of this compute capability."""
+    return (TILING if capability >= (9, 0) else TILING_BEFORE_HOPPER), capability >= FP8_CAPABILITY
 
 
 @functools.cache
