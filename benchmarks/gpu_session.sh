@@ -43,7 +43,8 @@ step attention_kernels 150 python3 benchmarks/dit_step.py --sizes 14B --iters 3 
 #    default tiling; step 1 says whether another is faster).
 step forward_14b 270 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 fp8 fp8-sage_triton fp8-cudnn_fp8 --json "$OUT/forward_14b.json"
-# 3. VAE decode at 720P, 81 frames, untiled vs tiled: seconds and peak memory (does it fit a 24 GB card).
+# 3. VAE decode at 720P, 81 frames, in float32 as the pipeline runs it, untiled vs tiled: seconds and peak
+#    memory (does it fit a 24 GB card). Written after each VAE: a cut-off keeps Wan2.1's figures.
 step vae_720p 150 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
 # 4. Correctness on the card: 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
 step gpu_check 180 python3 benchmarks/gpu_check.py

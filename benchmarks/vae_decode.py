@@ -98,7 +98,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["untiled", "tiled"], choices=["untiled", "tiled"])
     parser.add_argument("--tiny", action="store_true", help="small channel widths (smoke test of the script)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
+                        help="the weights' and activations' dtype (default float32: how the pipeline loads the VAE)")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
