@@ -26,6 +26,7 @@ _enabled = True
 MIN_ELEMENTS = 1 << 22
 FUSED_DEVICES = ("cuda",)  # where compiling is worth it (tests add "cpu" to run the compiled path)
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+_extra_options: tuple = ()  # Inductor options added inside compile_options(), as sorted (name, value) pairs
 
 
 @contextmanager
@@ -37,6 +38,19 @@ def unfused():
         yield
     finally:
         _enabled = before
+
+
+@contextmanager
+def compile_options(**options):
+    """Compile the fused functions with these Inductor options added inside this block, each set of options
+    compiled apart (for benchmarks: ``compile_options(**{"triton.multi_kernel": 1})`` times Inductor's one-pass
+    reductions next to the default ones in the same process)."""
+    global _extra_options
+    before, _extra_options = _extra_options, tuple(sorted({**dict(_extra_options), **options}.items()))
+    try:
+        yield
+    finally:
+        _extra_options = before
 
 
 def fused_enabled() -> bool:
@@ -52,19 +66,20 @@ def fused_on_gpu(fn):
     Compiled per shape (a generation keeps its shapes) with launch settings tuned on the card: the activation
     quantization compiled shape-generic and untuned took 0.59 ms per call at 14B / 480P on an H100, 0.26 ms so.
     """
-    compiled = None
+    compiled = {}  # per set of extra options: the compiled function, or False once compiling it failed
 
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
-        nonlocal compiled
-        if (torch.compiler.is_compiling() or not _enabled or compiled is False
+        key = _extra_options
+        if (torch.compiler.is_compiling() or not _enabled or compiled.get(key) is False
                 or x.device.type not in FUSED_DEVICES or x.numel() < MIN_ELEMENTS):
             return fn(x, *args)
         try:
-            compiled = compiled or torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
-            return compiled(x, *args)
+            if key not in compiled:
+                compiled[key] = torch.compile(fn, dynamic=False, options={**COMPILE_OPTIONS, **dict(key)})
+            return compiled[key](x, *args)
         except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
-            compiled = False
+            compiled[key] = False
             log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, first_line(e))
         return fn(x, *args)
 
