@@ -5,10 +5,10 @@
 
 ``--variants`` picks the x2v configurations (default: bf16, and on a GPU fp8 and int8: the same weights quantized
 per output channel, as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), e.g.
-``--variants bf16 bf16-unfused bf16-compiled bf16-multikernel fp8 fp8-sage_triton``; ``--attention-check sage_triton cudnn_fp8`` also
-times the attention kernels alone with their accuracy (for ``sage_triton`` each candidate tiling at the
-self-attention's shape: this run's variants then use the fastest); ``--attention-check ... --variants`` (no names)
-runs only that check.
+``--variants bf16 bf16-unfused bf16-compiled bf16-multikernel fp8 fp8-sage_triton``;
+``--attention-check sage_triton cudnn_fp8`` also times the attention kernels alone with their accuracy (for
+``sage_triton`` each candidate tiling at the self-attention's shape: this run's variants then use the fastest);
+``--attention-check ... --variants`` (no names) runs only that check.
 
 Weights are random (the timing does not depend on them). Both models share the same weight tensors
 (x2v's names are a renaming of diffusers'), so a 14B pair needs one copy of the weights on the GPU.
