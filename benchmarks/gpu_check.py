@@ -30,6 +30,12 @@ SMALL = dict(target_height=64, target_width=64, target_video_length=9, infer_ste
 IMAGE = torch.linspace(-1, 1, 3 * 48 * 80).reshape(3, 48, 80)
 
 
+def verdict(ok: bool, message: str, failure: str) -> list[str]:
+    """Print one check's line, marked ok or FAIL; returns ``[failure]`` when it failed, else ``[]``."""
+    print(f"{'ok ' if ok else 'FAIL'} {message}", flush=True)
+    return [] if ok else [failure]
+
+
 def check_pipelines(root: Path, gpu: str) -> list[str]:
     failures = []
     torch.backends.cuda.matmul.allow_tf32 = False  # compare float32 with float32
@@ -47,13 +53,12 @@ def check_pipelines(root: Path, gpu: str) -> list[str]:
             if kind.startswith("moe") and device == gpu:
                 placement = {name: next(m.parameters()).device.type for name, m in pipe.dits.items()}
                 ok = gpu == "cpu" or list(placement.values()).count("cuda") == 1
-                print(f"{'ok ' if ok else 'FAIL'} {kind}: only the active expert on the GPU: {placement}")
-                failures += [] if ok else [f"{kind} expert placement"]
+                failures += verdict(ok, f"{kind}: only the active expert on the GPU: {placement}",
+                                    f"{kind} expert placement")
         diff = np.abs(frames[gpu] - frames["cpu"])
         ok = diff.max() <= 8 and diff.mean() < 1.0
-        print(f"{'ok ' if ok else 'FAIL'} {kind}: GPU vs CPU frames max |diff| {diff.max()} mean {diff.mean():.3f} "
-              f"(uint8 levels), gpu run {seconds:.2f} s")
-        failures += [] if ok else [kind]
+        failures += verdict(ok, f"{kind}: GPU vs CPU frames max |diff| {diff.max()} mean {diff.mean():.3f} "
+                                f"(uint8 levels), gpu run {seconds:.2f} s", kind)
     return failures
 
 
@@ -74,9 +79,8 @@ def check_offload(root: Path, gpu: str) -> list[str]:
             diff = (pipe.generate("a cat", seed=5, progress=False).video - expected).abs().max().item()
             on_host = all(p.device.type == "cpu" for dit in pipe.dits.values() for p in dit.parameters())
             ok = (diff == 0 or gpu == "cpu") and on_host  # CPU: unaligned file views round differently
-            print(f"{'ok ' if ok else 'FAIL'} {kind} cpu_offload {mode}: max |diff| to resident {diff}, "
-                  f"DiT back on the host: {on_host}")
-            failures += [] if ok else [f"{kind} offload {mode}"]
+            failures += verdict(ok, f"{kind} cpu_offload {mode}: max |diff| to resident {diff}, DiT back on the "
+                                    f"host: {on_host}", f"{kind} offload {mode}")
     return failures
 
 
@@ -102,8 +106,8 @@ def check_quantized_load(root: Path, gpu: str) -> list[str]:
     on_cpu = load_dit(path, dtype=torch.bfloat16).state_dict()
     worst = max((on_gpu[k].cpu().float() - v.float()).abs().max().item() for k, v in on_cpu.items())
     ok = worst == 0.0
-    print(f"{'ok ' if ok else 'FAIL'} fp8 file loaded straight to the GPU equals the CPU load (max diff {worst})")
-    return ([] if ok else ["quantized load"]) + check_8bit_kernels(model, gpu)
+    return verdict(ok, f"fp8 file loaded straight to the GPU equals the CPU load (max diff {worst})",
+                   "quantized load") + check_8bit_kernels(model, gpu)
 
 
 def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
@@ -127,9 +131,8 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
         rel = relative_l2(outputs["auto"], outputs["weight-only"])
         kernel = w8a8_available(kind, torch.device(gpu))
         ok = rel <= bound and (kernel or gpu == "cpu")
-        print(f"{'ok ' if ok else 'FAIL'} {kind}: 8-bit kernel used: {kernel}; vs per-layer dequantization "
-              f"rel. L2 {rel:.2e} (bound {bound})")
-        failures += [] if ok else [f"{kind} kernels"]
+        failures += verdict(ok, f"{kind}: 8-bit kernel used: {kernel}; vs per-layer dequantization rel. L2 "
+                                f"{rel:.2e} (bound {bound})", f"{kind} kernels")
     return failures
 
 
@@ -171,9 +174,8 @@ def check_attention_kernels(root: Path, gpu: str) -> list[str]:
             except Exception as e:  # noqa: BLE001 - report which kernel or option does not run on this card
                 rel, bound = float("nan"), f"{type(e).__name__}: {first_line(e)[:300]}"
             ok = rel <= bound if isinstance(bound, float) else False
-            print(f"{'ok ' if ok else 'FAIL'} {name} {q_len}x{kv_len}: rel. L2 to float32 SDPA {rel:.2e} "
-                  f"(bound {bound})", flush=True)
-            failures += [] if ok else [f"{name} {q_len}x{kv_len}"]
+            failures += verdict(ok, f"{name} {q_len}x{kv_len}: rel. L2 to float32 SDPA {rel:.2e} (bound {bound})",
+                                f"{name} {q_len}x{kv_len}")
     model = write_tiny_model(root / "attention", "t2v")
     for backend, bound in (("sage_triton", 5e-2), ("cudnn_fp8", 8e-2)):
         dit = load_dit(model, device=gpu, dtype=torch.bfloat16)
@@ -186,14 +188,13 @@ def check_attention_kernels(root: Path, gpu: str) -> list[str]:
             eager = dit(x, t, context).float()
             rel = relative_l2(eager, want)
             ok = rel <= bound and backend not in attn.failed_types
-            print(f"{'ok ' if ok else 'FAIL'} DiT with {backend} attention vs torch SDPA: rel. L2 {rel:.2e}, kernel "
-                  f"ran: {backend not in attn.failed_types}", flush=True)
-            failures += [] if ok else [f"{backend} DiT"]
+            failures += verdict(ok, f"DiT with {backend} attention vs torch SDPA: rel. L2 {rel:.2e}, kernel ran: "
+                                    f"{backend not in attn.failed_types}", f"{backend} DiT")
             compile_blocks(dit, gpu)  # use_compile: the kernel inside compiled blocks
             rel = relative_l2(dit(x, t, context), eager)
         ok = rel <= 1e-2 and backend not in attn.failed_types
-        print(f"{'ok ' if ok else 'FAIL'} DiT with {backend}, use_compile vs eager: rel. L2 {rel:.2e}", flush=True)
-        failures += [] if ok else [f"{backend} use_compile"]
+        failures += verdict(ok, f"DiT with {backend}, use_compile vs eager: rel. L2 {rel:.2e}",
+                            f"{backend} use_compile")
     return failures
 
 
