@@ -5,7 +5,7 @@
 
 ``--variants`` picks the x2v configurations (default: bf16, and on a GPU fp8 and int8: the same weights quantized
 per output channel, as ``dit_quantized: true`` + ``dit_quant_scheme`` does at load), e.g.
-``--variants bf16 bf16-unfused bf16-compiled bf16-multikernel fp8 fp8-sage_triton``;
+``--variants bf16 bf16-unfused bf16-inductor bf16-compiled fp8 fp8-inductor fp8-cudnn_fp8``;
 ``--attention-check sage_triton cudnn_fp8`` also times the attention kernels alone with their accuracy (for
 ``sage_triton`` each candidate tiling at the self-attention's shape: this run's variants then use the fastest);
 ``--attention-check ... --variants`` (no names) runs only that check.
@@ -37,7 +37,7 @@ from x2v.loading.quantized import prepare_quantized  # noqa: E402
 from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
 from x2v.ops.attention import TORCH_SDPA, attention, failed_types, kernel  # noqa: E402
-from x2v.ops.fused import compile_options, unfused  # noqa: E402
+from x2v.ops.fused import compiled_only, unfused  # noqa: E402
 from x2v.pipelines.wan import compile_blocks  # noqa: E402
 
 SIZES = {
@@ -169,9 +169,9 @@ class Variant:
     attention: str = TORCH_SDPA
     compiled: bool = False  # use_compile: blocks compiled whole
     unfused: bool = False  # the norms op by op (what x2v did before they were fused), to show what fusing gains
-    # the fused functions compiled in Inductor's multi-kernel mode, which also generates one-pass (persistent)
-    # kernels for the norms' 5,120-wide rows and keeps the faster; by default Inductor loops over rows that wide
-    multikernel: bool = False
+    # the fused functions compiled by Inductor instead of x2v's one-pass row kernels (what x2v ran before those),
+    # to show what the row kernels gain
+    inductor: bool = False
 
     @classmethod
     def parse(cls, name: str, dtype_name: str) -> Variant:
@@ -180,7 +180,7 @@ class Variant:
             raise SystemExit(f"variant {name!r}: weights must be {dtype_name}, fp8 or int8")
         variant = cls(name, weights)
         for option in options:
-            if option in ("compiled", "unfused", "multikernel"):
+            if option in ("compiled", "unfused", "inductor"):
                 setattr(variant, option, True)
             else:
                 kernel(option)  # an attention type: unknown ones fail here
@@ -193,8 +193,8 @@ class Variant:
             with contextlib.ExitStack() as options:
                 if self.unfused:
                     options.enter_context(unfused())
-                if self.multikernel:
-                    options.enter_context(compile_options(**{"triton.multi_kernel": 1}))
+                if self.inductor:
+                    options.enter_context(compiled_only())
                 return model(x, t, context)
         return run
 

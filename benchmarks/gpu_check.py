@@ -1,5 +1,5 @@
-"""GPU checks of the paths CPU tests cannot reach: pipelines, expert swapping, quantized loading and offload on
-CUDA.
+"""GPU checks of the paths CPU tests cannot reach: the row kernels and 8-bit attention on the card, pipelines,
+expert swapping, quantized loading and offload on CUDA.
 
     python benchmarks/gpu_check.py [--out DIR]
 
@@ -136,6 +136,42 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
     return failures
 
 
+def check_row_kernels(gpu: str) -> list[str]:
+    """x2v's one-pass row kernels at a 14B width against the functions they implement, run op by op on the card:
+    both round to nearest, so 16- and 8-bit results differ only where float32 sums round differently."""
+    from x2v.ops import norms, quant_linear, row_kernels
+    from x2v.ops.rope import rope_rotations
+
+    g = torch.Generator().manual_seed(0)
+    tokens, width, heads = 2 * 32 * 52, 5120, 40  # 3,328 tokens: a 480P frame's rows of a 14B block
+
+    def rand(*shape, scale=1.0, dtype=torch.float32):
+        return (scale * torch.randn(*shape, generator=g)).to(gpu, dtype)
+
+    x, y = rand(1, tokens, width, scale=3.0), rand(1, tokens, width, dtype=torch.bfloat16)
+    shift, scale, gate = rand(1, 1, 6, width).unbind(2)[:3]
+    weight, bias = rand(width), rand(width)
+    q = rand(1, tokens, width, dtype=torch.bfloat16)
+    rope = rope_rotations((2, 32, 52), width // heads, torch.device(gpu))
+    ffn, act = rand(tokens, 13824, scale=2.0, dtype=torch.bfloat16), rand(tokens, width, dtype=torch.bfloat16)
+    cases = [("modulated_norm", norms, (x, shift, scale, 1e-6, torch.bfloat16), 2e-3),
+             ("residual_modulated_norm", norms, (x, y, shift, scale, 1e-6, torch.bfloat16), 2e-3),
+             ("gated_residual_layer_norm", norms, (x, y, gate, weight, bias, 1e-6, torch.bfloat16), 2e-3),
+             ("rms_norm_rope", norms, (q, weight.abs(), 1e-6, heads, rope, torch.bfloat16), 2e-3),
+             ("quantize_activations", quant_linear, (act, "fp8", False), 1e-2),
+             ("quantize_activations", quant_linear, (ffn, "fp8", True), 1e-2),
+             ("quantize_activations", quant_linear, (act, "int8", False), 1e-2)]
+    failures = []
+    for name, module, args, bound in cases:
+        with torch.no_grad():
+            got, want = getattr(row_kernels, name)(*args), getattr(module, name).__wrapped__(*args)
+        pairs = list(zip(got, want)) if isinstance(got, tuple) else [(got, want)]
+        rel = max(relative_l2(a.float(), b.float()) for a, b in pairs)
+        failures += verdict(rel <= bound, f"row kernel {name}{' (gelu)' if args[-1] is True else ''}: rel. L2 to "
+                                          f"its definition {rel:.1e} (bound {bound})", f"row kernel {name}")
+    return failures
+
+
 def attention_calls() -> list[tuple[str, object, float]]:
     """x2v's 8-bit attention types with each precision option: (name, call(q, k, v), bound on the rel. L2 error to
     float32 SDPA). Random values with zero mean are fp8's worst case: ~4e-2 (sage_triton) and ~5e-2 (cudnn_fp8)
@@ -195,6 +231,38 @@ def check_attention_kernels(root: Path, gpu: str) -> list[str]:
         ok = rel <= 1e-2 and backend not in attn.failed_types
         failures += verdict(ok, f"DiT with {backend}, use_compile vs eager: rel. L2 {rel:.2e}",
                             f"{backend} use_compile")
+    failures += check_fp8_hand_over(model, gpu, x, t, context)
+    return failures
+
+
+def check_fp8_hand_over(model: Path, gpu: str, x, t, context) -> list[str]:
+    """An fp8 DiT with cudnn_fp8: each self-attention's output projection takes cuDNN's fp8 output as it is (on
+    Hopper; 16-bit output elsewhere), within fp8 rounding of the path that converts it (``unfused()``), eager and
+    in use_compile blocks."""
+    from x2v.loading.dit import load_dit
+    from x2v.ops import cudnn_fp8
+    from x2v.ops.fused import unfused
+
+    dit = load_dit(model, device=gpu, dit_quantized=True, quant_scheme="fp8-vllm")
+    dit.set_attention("cudnn_fp8")
+    handed = []
+    real = cudnn_fp8.cudnn_fp8_attention_fp8_output
+    cudnn_fp8.cudnn_fp8_attention_fp8_output = lambda *a: handed.append(1) or real(*a)
+    failures = []
+    try:
+        with torch.no_grad():
+            with unfused():
+                want = dit(x, t, context).float()
+            got = dit(x, t, context).float()
+            compile_blocks(dit, gpu)
+            compiled = dit(x, t, context).float()
+    finally:
+        cudnn_fp8.cudnn_fp8_attention_fp8_output = real
+    for name, out in (("eager", got), ("use_compile", compiled)):
+        rel = relative_l2(out, want)
+        failures += verdict(rel <= 1e-2 and len(handed) > 0, f"fp8 DiT, cudnn_fp8 output handed to the fp8 "
+                            f"o-projection ({name}, {len(handed)} calls) vs converted: rel. L2 {rel:.2e} (bound 0.01)",
+                            f"fp8 hand-over {name}")
     return failures
 
 
@@ -206,7 +274,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}")
     root = args.out or Path(tempfile.mkdtemp())
-    failures = check_attention_kernels(root, args.device)
+    failures = check_row_kernels(args.device) if args.device == "cuda" else []  # Triton: GPUs only
+    failures += check_attention_kernels(root, args.device)
     failures += check_quantized_load(root, args.device) + check_pipelines(root, args.device) + check_offload(
         root, args.device)
     print("all GPU checks passed" if not failures else f"FAILED: {failures}")

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open speed work needs, in one run (about 16 minutes of steps at most). A session's device
+# Every GPU measurement the open speed work needs, in one run (about 14 minutes of steps at most). A session's device
 # time is 15 minutes including the machine's start and one command may run 10, so the first call should be
-# `attention_kernels forward_14b vae_720p` (at most 9.7 min), then `gpu_check` if time is left, `multikernel` after.
+# `forward_14b gpu_check` (at most 8 min), then `profile_14b` if time is left; the rest are extras.
 # Each step has its own time limit and writes its output under $OUT as it goes, so a cut-off run still reports.
 #
-#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-5; carry .whl/ and .whl_gpu/)
+#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-3; carry .whl/ and .whl_gpu/)
 #
 # The wheels the device image lacks (both folders are git-ignored), fetched here once for its Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -35,30 +35,22 @@ step() {  # name, seconds, command...
   grep -v "^USDT" "$OUT/$name.log" | tail -n 14 >> "$OUT/summary.txt"
 }
 
-# 1. x2v's 8-bit attention types alone at the 14B self- and cross-attention shapes, next to cuDNN's bf16 attention:
-#    sage_triton with each candidate tiling and precision option, cudnn_fp8; speed and accuracy against float32.
-step attention_kernels 140 python3 benchmarks/dit_step.py --sizes 14B --iters 3 --attention-check sage_triton \
-  cudnn_fp8 --variants --json "$OUT/attention_kernels.json"
-# 2. The 14B 480P forward next to diffusers: bf16, fp8, and fp8 with each 8-bit self-attention (sage_triton with its
-#    default tiling; step 1 says whether another is faster). bf16-multikernel: the fused norms compiled in
-#    Inductor's multi-kernel mode, which also generates one-pass (persistent) kernels for their 5,120-wide rows and
-#    keeps the faster: the candidate fix for LayerNorm kernels at a third of memory speed.
+# 1. The 14B 480P forward next to diffusers: bf16 and fp8 with cuDNN's fp8 attention, each with x2v's one-pass
+#    row kernels (norms, RoPE, activation quantization) and with those compiled by Inductor instead (-inductor, what
+#    the last measurement ran: 0.845x and 0.614x); then fp8 with SDPA and with sage_triton (new Hopper tiling).
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
-  --variants bf16 bf16-multikernel fp8 fp8-sage_triton fp8-cudnn_fp8 --json "$OUT/forward_14b.json"
-# 3. VAE decode at 720P, 81 frames, in float32 as the pipeline runs it, untiled vs tiled: seconds and peak
-#    memory (does it fit a 24 GB card). Written after each VAE: a cut-off keeps Wan2.1's figures.
-step vae_720p 140 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
-# 4. Correctness on the card: 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
+  --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
+# 2. Correctness on the card: row kernels, 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
 step gpu_check 180 python3 benchmarks/gpu_check.py
-# 5. Multi-kernel mode with 8-bit linears and attention, whose per-token activation quantization is a 5,120-wide
-#    reduction too.
-step multikernel 200 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
-  --variants fp8-sage_triton-multikernel fp8-cudnn_fp8-multikernel --json "$OUT/multikernel.json"
-# Extras, by name only: offload (measured before the norm fusions), the 1.3B model, a profile of the forward.
-[[ $WANTED == *" all "* ]] && WANTED=" done "
-step offload_14b 150 python3 benchmarks/offload.py --sizes 14B --weights fp8 --iters 2 --json "$OUT/offload_14b.json"
-step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 fp8 fp8-cudnn_fp8 \
-  --json "$OUT/dit_step_1_3b.json"
+# 3. Where the time goes now: a profile of one bf16 and one fp8 + cudnn_fp8 forward.
 step profile_14b 200 python3 benchmarks/dit_step.py --sizes 14B --iters 1 --profile 30 --variants bf16 fp8-cudnn_fp8 \
   --json "$OUT/profile_14b.json"
+# Extras, by name only: the attention kernels alone, the VAE at 720P, offload, the 1.3B model.
+[[ $WANTED == *" all "* ]] && WANTED=" done "
+step attention_kernels 140 python3 benchmarks/dit_step.py --sizes 14B --iters 3 --attention-check sage_triton \
+  cudnn_fp8 --variants --json "$OUT/attention_kernels.json"
+step vae_720p 140 python3 benchmarks/vae_decode.py --json "$OUT/vae_720p.json"
+step offload_14b 150 python3 benchmarks/offload.py --sizes 14B --weights fp8 --iters 2 --json "$OUT/offload_14b.json"
+step dit_step_1_3b 60 python3 benchmarks/dit_step.py --sizes 1.3B --iters 3 --variants bf16 bf16-inductor fp8 \
+  fp8-cudnn_fp8 --json "$OUT/dit_step_1_3b.json"
 cat "$OUT/summary.txt"

@@ -95,3 +95,45 @@ def test_older_cards_are_refused_before_any_work(monkeypatch, caplog):
         for _ in range(2):
             assert torch.equal(attention.attention(q, k, v, "cudnn_fp8"), sdpa(q, k, v))
     assert sum("cudnn_fp8 failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_fp8_output_goes_to_the_fp8_o_projection_as_it_is(tmp_path, monkeypatch):
+    """On Hopper the self-attention's output projection of an fp8 model takes cuDNN's fp8 output and its one scale
+    as they are (no conversion to 16 bits and quantization back); the whole forward stays within fp8 rounding of
+    the converting path, which ``unfused()`` runs. Blackwell (16-bit output) takes the converting path."""
+    import x2v
+    from test_attention_compile import inputs
+    from x2v.demo import write_tiny_model
+    from x2v.ops.fused import unfused
+    from x2v.ops.quant_linear import set_quant_mode
+    from x2v.pipelines.wan import compile_blocks
+
+    capability = [(9, 0)]
+    monkeypatch.setattr(cudnn_fp8, "capability", lambda device: capability[0])
+    monkeypatch.setattr(cudnn_fp8, "planned", lambda *operands: None)
+    monkeypatch.setattr(cudnn_fp8, "execute", emulated_execute)
+    monkeypatch.setattr(attention, "KERNEL_DEVICES", ("cpu",))
+    monkeypatch.setattr(attention, "failed_types", set())
+    attention.kernel.cache_clear()
+    calls, conversions = [], []
+    real_attend, real_dequantize = cudnn_fp8.attend, cudnn_fp8.dequantize
+    monkeypatch.setattr(cudnn_fp8, "attend", lambda *a: calls.append(1) or real_attend(*a))
+    monkeypatch.setattr(cudnn_fp8, "dequantize", lambda *a: conversions.append(1) or real_dequantize(*a))
+    model = x2v.load_dit(write_tiny_model(tmp_path / "t2v", "t2v"), dit_quantized=True, quant_scheme="fp8-vllm")
+    set_quant_mode(model, "w8a8")
+    model.set_attention("cudnn_fp8")
+    x, t, context = inputs(model)
+    with torch.no_grad():
+        got = model(x, t, context)
+        blocks = len(model.blocks)
+        assert len(calls) == blocks and not conversions  # every output projection took the fp8 values
+        with unfused():
+            want = model(x, t, context)
+        assert len(calls) == 2 * blocks and len(conversions) == blocks
+        compile_blocks(model, "cpu")  # use_compile: the hand-over between the compiled graphs
+        torch.testing.assert_close(model(x, t, context), got, rtol=1e-2, atol=1e-2)
+        assert len(calls) == 3 * blocks and len(conversions) == blocks
+        capability[0] = (10, 0)
+        model(x, t, context)
+    assert len(calls) == 4 * blocks and len(conversions) == blocks  # bf16 from cuDNN: nothing to hand over
+    assert 0 < relative_l2(got, want) < 1e-2, relative_l2(got, want)  # 3.4e-3 when written

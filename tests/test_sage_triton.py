@@ -183,9 +183,9 @@ def test_kernel_builds_with_8bit_tensor_cores_and_no_spills(tmp_path, arch):
         pytest.skip("this Triton has no CUDA compiler")
     report = tmp_path / "build.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    script = Path(__file__).parents[1] / "benchmarks" / "sage_triton_build.py"
-    subprocess.run([sys.executable, script, "--arch", str(arch), "--tilings", "default", "--kv-lens", "32760",
-                    "--json", report], env=env, check=True, capture_output=True)
+    script = Path(__file__).parents[1] / "benchmarks" / "triton_build.py"
+    subprocess.run([sys.executable, script, "--arch", str(arch), "--kernels", "sage", "--tilings", "default",
+                    "--kv-lens", "32760", "--json", report], env=env, check=True, capture_output=True)
     builds = {(b["qk"], b["pv"]): b for b in json.loads(report.read_text())}
     expected = {("int8", "fp8"), ("float8_e4m3fn", "fp8"), ("int8", "bf16")} if arch >= 89 else {("int8", "bf16")}
     assert set(builds) == expected

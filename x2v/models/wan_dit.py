@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x2v.ops.attention import TORCH_SDPA, attention, kernel
+from x2v.ops.attention import FP8_OUTPUT, TORCH_SDPA, attention, attention_fp8_output, kernel
 from x2v.ops.fused import linear_gelu
 from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope)
-from x2v.ops.quant_linear import QuantLinear, input_dtype, quantize_input, shares_quantized_input
+from x2v.ops.quant_linear import QuantLinear, fp8_input, input_dtype, quantize_input, shares_quantized_input
 from x2v.ops.rope import rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
@@ -108,6 +108,12 @@ class SelfAttention(nn.Module):
         v = project(self.v).unflatten(-1, (self.num_heads, -1))
         q = self.norm_q(project(self.q), self.num_heads, v.dtype, rope)
         k = self.norm_k(project(self.k), self.num_heads, v.dtype, rope)
+        if self.backend in FP8_OUTPUT and shares_quantized_input((self.o,), x) and self.o.kind == "fp8":
+            # An attention kernel that writes fp8 (cudnn_fp8 on Hopper) hands its output to the fp8 o-projection
+            # as it is: no conversion to 16 bits and quantization back.
+            out8 = attention_fp8_output(q, k, v, self.backend)
+            if out8 is not None:
+                return self.o.run_quantized(fp8_input(out8[0].flatten(2), out8[1]))
         return linear(self.o, attention(q, k, v, self.backend).flatten(2))
 
 
@@ -295,7 +301,9 @@ class WanDiT(nn.Module):
         return e, e0
 
     def patchify(self, conv: nn.Conv3d, video: torch.Tensor) -> torch.Tensor:
-        return conv(video.to(conv.weight.dtype)).flatten(2).transpose(1, 2).float()
+        """``[B, L, dim]`` float32 tokens, rows contiguous (the layout the fused norm kernels take)."""
+        tokens = conv(video.to(conv.weight.dtype)).flatten(2).transpose(1, 2)
+        return tokens.to(torch.float32, memory_format=torch.contiguous_format)
 
     def forward(
         self,

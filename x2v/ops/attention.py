@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,8 @@ KERNELS = {
     "cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention", {}, "nvidia-cudnn-frontend"),
 }
 OWN_8BIT = ("sage_triton", "cudnn_fp8")
+# Types whose kernel can also hand over its output in fp8 with one scale (attention_fp8_output): type -> function
+FP8_OUTPUT = {"cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention_fp8_output")}
 # Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
 NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2_attn", "nbhd_attn",
                    "nbhd_attn_flashinfer", "sparge_attn", "spas_sage_attn2", "spas_sage_attn3", "spas_flash_attn4",
@@ -77,14 +80,33 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
     ``backend`` is a LightX2V attention type (``self_attn_1_type`` ...); see ``kernel``.
     """
     fn = None if backend == TORCH_SDPA or backend in failed_types else kernel(backend)
-    if fn is None or q.device.type not in KERNEL_DEVICES or q.dtype not in HALF_DTYPES:
-        return sdpa(q, k, v)
-    try:
-        out = fn(q, k, v)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as e:  # noqa: BLE001 - e.g. a kernel built for other cards: SDPA gives the same function
-        failed_types.add(backend)
-        log.warning("attention type %s failed (%s); torch SDPA runs instead.", backend, first_line(e))
+    out = _run(backend, fn, q, k, v)
+    if out is None:
         return sdpa(q, k, v)
     return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)
+
+
+def attention_fp8_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``attention(q, k, v, backend)`` as fp8 values ``[B, Lq, heads, d]`` and their one float32 scale, for an fp8
+    matmul to take as they are, where the backend's kernel writes fp8 (``cudnn_fp8`` on Hopper); else None (call
+    ``attention``)."""
+    if backend not in FP8_OUTPUT or backend in failed_types or kernel(backend) is None:
+        return None
+    module, function = FP8_OUTPUT[backend]  # its module imported by kernel(backend)
+    return _run(backend, getattr(sys.modules[module], function), q, k, v)
+
+
+def _run(backend: str, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """``fn(q, k, v)``, or None where it cannot run: no kernel, inputs it cannot take (CPU, float32), or a failure
+    (said once; torch SDPA gives the same function)."""
+    if fn is None or q.device.type not in KERNEL_DEVICES or q.dtype not in HALF_DTYPES:
+        return None
+    try:
+        return fn(q, k, v)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - e.g. a kernel built for other cards
+        failed_types.add(backend)
+        log.warning("attention type %s failed (%s); torch SDPA runs instead.", backend, first_line(e))
+        return None

@@ -5,7 +5,8 @@ unchanged and shrinks the values, and with them fp8's rounding error, which is r
 both matmuls on the fp8 tensor cores and quantizes P = exp(S - max) itself, scaled by 448 (its values are in [0, 1]).
 On Hopper cuDNN writes the output in fp8 too (a 16-bit output from fp8 attention needs Blackwell): each output row
 is a weighted mean of V's rows, so |O| <= max |V|, and the output scale puts max |V| at half of fp8's range; x2v
-then converts it to the input's dtype. The price is fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O.
+then converts it to the input's dtype, or hands it as it is to an fp8 output projection
+(``cudnn_fp8_attention_fp8_output``). The price is fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O.
 
 Needs NVIDIA's Python frontend for cuDNN (``pip install nvidia-cudnn-frontend``); the cuDNN library itself comes
 with CUDA builds of PyTorch. One cuDNN graph per shape and device, built on first use (about a second).
@@ -134,11 +135,8 @@ def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     return (x8.float() * scale).to(dtype)
 
 
-# Inside compiled blocks (use_compile) it runs as it is, between two graphs, like sage_triton.
-@torch.compiler.disable
-def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
-    (scale 1/sqrt(D), no mask)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """cuDNN's output and, where it is fp8 (Hopper), the scale that turns it back (out ~ values * scale)."""
     card = capability(q.device)
     if card < FP8_ATTENTION_CAPABILITY:
         raise RuntimeError(f"cuDNN's fp8 attention needs a Hopper or newer GPU (compute capability 9.0); this one "
@@ -149,10 +147,31 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     half_output = card >= HALF_OUTPUT_CAPABILITY
     out = torch.empty(q.shape, dtype=q.dtype if half_output else FP8, device=q.device)
     data = dict(constants(q.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
+    o_descale = None
     if not half_output:
         data["scale_o"], o_descale = output_scales(v_scale)
     execute(planned(q8, k8, v8, out), data)
-    return out if half_output else dequantize(out, o_descale, q.dtype)
+    return out, o_descale
+
+
+# Inside compiled blocks (use_compile) these run as they are, between two graphs, like sage_triton.
+@torch.compiler.disable
+def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
+    (scale 1/sqrt(D), no mask)."""
+    out, o_descale = attend(q, k, v)
+    return out if o_descale is None else dequantize(out, o_descale, q.dtype)
+
+
+@torch.compiler.disable
+def cudnn_fp8_attention_fp8_output(q: torch.Tensor, k: torch.Tensor,
+                                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The same attention as cuDNN writes it on Hopper: fp8 values [B, Lq, H, D] and their one scale [1, 1, 1, 1],
+    for an fp8 matmul to take as they are (no conversion to 16 bits and back); None on cards where cuDNN writes
+    16 bits (Blackwell), before any work."""
+    if capability(q.device) >= HALF_OUTPUT_CAPABILITY:
+        return None
+    return attend(q, k, v)
 
 
 def execute(graph: Graph, data: dict[str, torch.Tensor]) -> None:

@@ -1,14 +1,16 @@
-"""Elementwise work fused into one kernel per call on GPUs (``torch.compile`` of small pure functions).
+"""Elementwise work fused into one kernel per call on GPUs (small pure functions, compiled or hand-written).
 
 Around each matmul of a DiT block sit norms, modulation, RoPE and dtype casts. Run op by op they read and write
-the 32k-token activations many times (float32 round trips); compiled, each function below is one pass that
-reads its input once and writes its output once, in the dtype the next layer takes. The Python function is the
-definition: eager runs (CPU, ``unfused()``, or a compile failure) compute the same values.
+the 32k-token activations many times (float32 round trips); fused, each such function is one pass that reads its
+input once and writes its output once, in the dtype the next layer takes: a one-pass Triton kernel where
+``x2v.ops.row_kernels`` has one, else ``torch.compile``. The Python function is the definition: eager runs (CPU,
+``unfused()``, or a compile failure) compute the same values.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 from contextlib import contextmanager
 
@@ -24,9 +26,10 @@ _enabled = True
 # Compiling costs seconds once per process and shape; it pays off on large activations (a 480P video has
 # 32,760 tokens of 1,536-5,120 channels), not on text embeddings or tiny test models, which stay eager.
 MIN_ELEMENTS = 1 << 22
-FUSED_DEVICES = ("cuda",)  # where compiling is worth it (tests add "cpu" to run the compiled path)
+# where fusing is worth it (tests add "cpu": the compiled path in C++, the row kernels in Triton's interpreter)
+FUSED_DEVICES = ("cuda",)
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
-_extra_options: tuple = ()  # Inductor options added inside compile_options(), as sorted (name, value) pairs
+_kernels_enabled = True  # False inside compiled_only()
 
 
 @contextmanager
@@ -41,16 +44,15 @@ def unfused():
 
 
 @contextmanager
-def compile_options(**options):
-    """Compile the fused functions with these Inductor options added inside this block, each set of options
-    compiled apart (for benchmarks: ``compile_options(**{"triton.multi_kernel": 1})`` times Inductor's one-pass
-    reductions next to the default ones in the same process)."""
-    global _extra_options
-    before, _extra_options = _extra_options, tuple(sorted({**dict(_extra_options), **options}.items()))
+def compiled_only():
+    """Inside this block the fused functions skip their hand-written kernels and run compiled (as before those
+    kernels existed): for comparisons and benchmarks."""
+    global _kernels_enabled
+    before, _kernels_enabled = _kernels_enabled, False
     try:
         yield
     finally:
-        _extra_options = before
+        _kernels_enabled = before
 
 
 def fused_enabled() -> bool:
@@ -58,28 +60,43 @@ def fused_enabled() -> bool:
     return _enabled
 
 
-def fused_on_gpu(fn):
-    """``fn`` compiled into fused kernels when its first argument is a large tensor on a GPU; eager elsewhere,
-    for small inputs, inside an already compiled model (which fuses this code with the rest), or if compiling
-    fails (said once).
+def fused_on_gpu(fn=None, *, kernel=None):
+    """``fn`` run as fused kernels when its first argument is a large tensor on a GPU; eager elsewhere, for small
+    inputs, inside an already compiled model (which fuses this code with the rest), or if compiling fails (said
+    once).
 
-    Compiled per shape (a generation keeps its shapes) with launch settings tuned on the card: the activation
-    quantization compiled shape-generic and untuned took 0.59 ms per call at 14B / 480P on an H100, 0.26 ms so.
+    ``kernel`` names a hand-written version in ``x2v.ops.row_kernels`` (one-pass Triton kernels), tried first: it
+    returns None for arguments it does not take; one that raises, or no Triton, is said once and not tried again.
+    Otherwise ``fn`` is compiled per shape (a generation keeps its shapes) with launch settings tuned on the card:
+    the activation quantization compiled shape-generic and untuned took 0.59 ms per call at 14B / 480P on an H100,
+    0.26 ms so.
     """
-    compiled = {}  # per set of extra options: the compiled function, or False once compiling it failed
+    if fn is None:
+        return functools.partial(fused_on_gpu, kernel=kernel)
+    state = {"compiled": None, "kernel": kernel}  # compiled: False once compiling failed; kernel: None once failed
 
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
-        key = _extra_options
-        if (torch.compiler.is_compiling() or not _enabled or compiled.get(key) is False
-                or x.device.type not in FUSED_DEVICES or x.numel() < MIN_ELEMENTS):
+        if (torch.compiler.is_compiling() or not _enabled or x.device.type not in FUSED_DEVICES
+                or x.numel() < MIN_ELEMENTS):
+            return fn(x, *args)
+        if state["kernel"] and _kernels_enabled:
+            try:
+                out = getattr(importlib.import_module("x2v.ops.row_kernels"), state["kernel"])(x, *args)
+            except Exception as e:  # noqa: BLE001 - e.g. no Triton, or a kernel that does not build for this card
+                state["kernel"] = None
+                log.warning("%s: its Triton kernel failed (%s); it runs compiled.", fn.__name__, first_line(e))
+            else:
+                if out is not None:
+                    return out
+        if state["compiled"] is False:
             return fn(x, *args)
         try:
-            if key not in compiled:
-                compiled[key] = torch.compile(fn, dynamic=False, options={**COMPILE_OPTIONS, **dict(key)})
-            return compiled[key](x, *args)
+            if state["compiled"] is None:
+                state["compiled"] = torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
+            return state["compiled"](x, *args)
         except Exception as e:  # noqa: BLE001 - compiling is only an optimisation; the eager result is the same
-            compiled[key] = False
+            state["compiled"] = False
             log.warning("%s runs unfused (torch.compile failed: %s).", fn.__name__, first_line(e))
         return fn(x, *args)
 

@@ -37,7 +37,7 @@ INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 SCALED_MM_ADDS_BIAS: dict[str, bool] = {}
 
 
-@fused_on_gpu
+@fused_on_gpu(kernel="quantize_activations")
 def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of a 2-D activation (after tanh-GELU with ``gelu``): ``(x_q, scale [rows, 1]
     float32)``."""
@@ -64,6 +64,13 @@ def quantize_input(x: torch.Tensor, kind: str, gelu: bool = False) -> QuantizedI
     if kind == "int8" and rows.shape[0] < INT_MM_MIN_ROWS:
         rows = F.pad(rows, (0, 0, 0, INT_MM_MIN_ROWS - rows.shape[0]))  # GELU(0) = 0: the padding stays zero
     return QuantizedInput(*quantize_activations(rows, kind, gelu), x.shape)
+
+
+def fp8_input(values: torch.Tensor, scale: torch.Tensor) -> QuantizedInput:
+    """An activation already in fp8 ``[..., in]`` with one scale for all of it (an 8-bit attention's output) as
+    the row-wise quantized input the fp8 matmul takes."""
+    rows = values.reshape(-1, values.shape[-1])
+    return QuantizedInput(rows, scale.float().reshape(1, 1).expand(rows.shape[0], 1).contiguous(), values.shape)
 
 
 @fused_on_gpu

@@ -44,12 +44,14 @@ class Tiling:
     num_stages: int = 3
 
 
-TILING = Tiling()  # for Hopper at Wan's shapes; `benchmarks/dit_step.py --attention-check` compares CANDIDATES
+# For Hopper: the fastest of CANDIDATES at Wan 14B's self-attention on an H100 (33.0 ms against 35.0-43.1 ms for
+# the others, `benchmarks/dit_step.py --attention-check sage_triton`, docs/performance.md)
+TILING = Tiling(64, 128, 4, 3)
 # Before Hopper the tensor-core instructions are warp-level (mma.sync): this one builds without spills for Ada
 # (fp8) and Ampere (bf16 P·V), where 128 x 128 spills.
 TILING_BEFORE_HOPPER = Tiling(128, 64, 8, 3)
 FP8_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada and later; Ampere runs P·V in bf16
-# Each builds for sm_90 without spilled registers (benchmarks/sage_triton_build.py).
+# Each builds for sm_90 without spilled registers (benchmarks/triton_build.py).
 CANDIDATES = (Tiling(128, 128, 8, 3), Tiling(128, 128, 8, 4), Tiling(128, 128, 8, 2), Tiling(128, 64, 8, 3),
               Tiling(128, 64, 8, 4), Tiling(64, 128, 4, 3))
 
@@ -212,7 +214,7 @@ class Launch:
 
 def kernel_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tiling: Tiling, qk_dtype: torch.dtype,
                   pv_fp8: bool) -> Launch:
-    """Quantize the inputs and lay out the kernel's launch (also what `benchmarks/sage_triton_build.py` compiles)."""
+    """Quantize the inputs and lay out the kernel's launch (also what `benchmarks/triton_build.py` compiles)."""
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     if head_dim & (head_dim - 1) or head_dim < 16:
