@@ -139,36 +139,19 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
 def check_row_kernels(gpu: str) -> list[str]:
     """x2v's one-pass row kernels at a 14B width against the functions they implement, run op by op on the card:
     both round to nearest, so 16- and 8-bit results differ only where float32 sums round differently."""
-    from x2v.ops import norms, quant_linear, row_kernels
-    from x2v.ops.rope import rope_rotations
+    from row_kernel_speed import cases, function_name
+    from x2v.ops import row_kernels
 
-    g = torch.Generator().manual_seed(0)
-    tokens, width, heads = 2 * 32 * 52, 5120, 40  # 3,328 tokens: a 480P frame's rows of a 14B block
-
-    def rand(*shape, scale=1.0, dtype=torch.float32):
-        return (scale * torch.randn(*shape, generator=g)).to(gpu, dtype)
-
-    x, y = rand(1, tokens, width, scale=3.0), rand(1, tokens, width, dtype=torch.bfloat16)
-    shift, scale, gate = rand(1, 1, 6, width).unbind(2)[:3]
-    weight, bias = rand(width), rand(width)
-    q = rand(1, tokens, width, dtype=torch.bfloat16)
-    rope = rope_rotations((2, 32, 52), width // heads, torch.device(gpu))
-    ffn, act = rand(tokens, 13824, scale=2.0, dtype=torch.bfloat16), rand(tokens, width, dtype=torch.bfloat16)
-    cases = [("modulated_norm", norms, (x, shift, scale, 1e-6, torch.bfloat16), 2e-3),
-             ("residual_modulated_norm", norms, (x, y, shift, scale, 1e-6, torch.bfloat16), 2e-3),
-             ("gated_residual_layer_norm", norms, (x, y, gate, weight, bias, 1e-6, torch.bfloat16), 2e-3),
-             ("rms_norm_rope", norms, (q, weight.abs(), 1e-6, heads, rope, torch.bfloat16), 2e-3),
-             ("quantize_activations", quant_linear, (act, "fp8", False), 1e-2),
-             ("quantize_activations", quant_linear, (ffn, "fp8", True), 1e-2),
-             ("quantize_activations", quant_linear, (act, "int8", False), 1e-2)]
     failures = []
-    for name, module, args, bound in cases:
+    for label, module, args in cases(gpu, tokens=3328):  # a 480P latent frame's rows (2 x 32 x 52)
+        bound = 1e-2 if label.startswith("quantize") else 2e-3
         with torch.no_grad():
+            name = function_name(label)
             got, want = getattr(row_kernels, name)(*args), getattr(module, name).__wrapped__(*args)
         pairs = list(zip(got, want)) if isinstance(got, tuple) else [(got, want)]
         rel = max(relative_l2(a.float(), b.float()) for a, b in pairs)
-        failures += verdict(rel <= bound, f"row kernel {name}{' (gelu)' if args[-1] is True else ''}: rel. L2 to "
-                                          f"its definition {rel:.1e} (bound {bound})", f"row kernel {name}")
+        failures += verdict(rel <= bound, f"row kernel {label}: rel. L2 to its definition {rel:.1e} (bound {bound})",
+                            f"row kernel {label}")
     return failures
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open speed work needs, in one run (about 14 minutes of steps at most). A session's device
-# time is 15 minutes including the machine's start and one command may run 10, so the first call should be
-# `forward_14b gpu_check` (at most 8 min), then `profile_14b` if time is left; the rest are extras.
+# Every GPU measurement the open speed work needs, in one run (about 15 minutes of steps at most). A session's device
+# time is 15 minutes including the machine's start and one command may run 10, so the first call should be the
+# default (steps 1-4: about 7 minutes as last measured, 12.5 at their limits: a cut-off still reports); the rest
+# are extras.
 # Each step has its own time limit and writes its output under $OUT as it goes, so a cut-off run still reports.
 #
-#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-3; carry .whl/ and .whl_gpu/)
+#   run on the device:  bash benchmarks/gpu_session.sh [STEP...]   (default: steps 1-4; carry .whl/ and .whl_gpu/)
 #
 # The wheels the device image lacks (both folders are git-ignored), fetched here once for its Python 3.12:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
@@ -40,11 +41,14 @@ step() {  # name, seconds, command...
 #    the last measurement ran: 0.845x and 0.614x); then fp8 with SDPA and with sage_triton (new Hopper tiling).
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
-# 2. Correctness on the card: row kernels, 8-bit attention types, pipelines GPU vs CPU, 8-bit linears, offload modes.
+# 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8
+#    o-projection), pipelines GPU vs CPU, 8-bit linears, offload modes.
 step gpu_check 180 python3 benchmarks/gpu_check.py
-# 3. Where the time goes now: a profile of one bf16 and one fp8 + cudnn_fp8 forward.
-step profile_14b 200 python3 benchmarks/dit_step.py --sizes 14B --iters 1 --profile 30 --variants bf16 fp8-cudnn_fp8 \
-  --json "$OUT/profile_14b.json"
+# 3. Each row kernel against its Inductor-compiled function at 14B / 480P shapes: ms and memory speed.
+step row_kernels 150 python3 benchmarks/row_kernel_speed.py --json "$OUT/row_kernels.json"
+# 4. Where the time goes now: a profile of one bf16 and one fp8 + cudnn_fp8 forward (its log only: at most 8
+#    files come back from a call).
+step profile_14b 200 python3 benchmarks/dit_step.py --sizes 14B --iters 1 --profile 30 --variants bf16 fp8-cudnn_fp8
 # Extras, by name only: the attention kernels alone, the VAE at 720P, offload, the 1.3B model.
 [[ $WANTED == *" all "* ]] && WANTED=" done "
 step attention_kernels 140 python3 benchmarks/dit_step.py --sizes 14B --iters 3 --attention-check sage_triton \

@@ -1,0 +1,122 @@
+"""Time x2v's one-pass row kernels (``x2v.ops.row_kernels``) against the same functions compiled by Inductor (what
+ran before them) at Wan 14B / 480P shapes: milliseconds per call and the memory speed each reaches, next to the
+card's copy speed.
+
+    python benchmarks/row_kernel_speed.py [--tokens 32760] [--json out.json]
+    TRITON_INTERPRET=1 python benchmarks/row_kernel_speed.py --device cpu --tokens 16 --iters 1   # smoke test
+
+A kernel slower than its compiled function is switched off by deleting its name from its ``fused_on_gpu``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from x2v.ops import norms, quant_linear, row_kernels  # noqa: E402
+from x2v.ops.fused import COMPILE_OPTIONS  # noqa: E402
+from x2v.ops.rope import rope_rotations  # noqa: E402
+
+GRID_480P = (21, 30, 52)  # latent frames x patch rows x patch columns: 32,760 tokens
+
+
+def cases(device: str, tokens: int = 32760, width: int = 5120, ffn_width: int = 13824, heads: int = 40,
+          seed: int = 0) -> list[tuple[str, object, tuple]]:
+    """Each row kernel's call in a 14B block, on random inputs: (label, the module defining it, arguments)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, dtype=torch.float32):
+        return (scale * torch.randn(*shape, generator=g)).to(device, dtype)
+
+    x, y = rand(1, tokens, width, scale=3.0), rand(1, tokens, width, dtype=torch.bfloat16)
+    shift, scale, gate = rand(1, 1, 6, width).unbind(2)[:3]  # as the block slices e0
+    weight, bias = rand(width), rand(width)
+    frames = max(1, tokens // (GRID_480P[1] * GRID_480P[2]))
+    grid = (frames, *GRID_480P[1:]) if frames * GRID_480P[1] * GRID_480P[2] == tokens else (1, 1, tokens)
+    rope = rope_rotations(grid, width // heads, torch.device(device))
+    act, ffn = rand(tokens, width, dtype=torch.bfloat16), rand(tokens, ffn_width, scale=2.0, dtype=torch.bfloat16)
+    bf16 = torch.bfloat16
+    return [("modulated_norm", norms, (x, shift, scale, 1e-6, bf16)),
+            ("residual_modulated_norm", norms, (x, y, shift, scale, 1e-6, bf16)),
+            ("gated_residual_layer_norm", norms, (x, y, gate, weight, bias, 1e-6, bf16)),
+            ("rms_norm_rope", norms, (y, weight.abs(), 1e-6, heads, rope, bf16)),
+            ("rms_norm", norms, (y, weight.abs(), 1e-6, heads, None, bf16)),
+            ("quantize_activations fp8", quant_linear, (act, "fp8", False)),
+            ("quantize_activations fp8 gelu", quant_linear, (ffn, "fp8", True)),
+            ("quantize_activations int8", quant_linear, (act, "int8", False))]
+
+
+def function_name(label: str) -> str:
+    return "rms_norm_rope" if label == "rms_norm" else label.split()[0]
+
+
+def moved_bytes(args: tuple, out) -> int:
+    """Bytes a one-pass kernel must move: the activation-sized inputs read once, the outputs written once."""
+    outputs = out if isinstance(out, tuple) else (out,)
+    rows = args[0].numel() // args[0].shape[-1]
+    big = [a for a in args if isinstance(a, torch.Tensor) and a.numel() >= rows]
+    return sum(t.numel() * t.element_size() for t in (*big, *outputs) if t.numel() >= rows)
+
+
+def seconds_per_call(fn, args: tuple, iters: int, device: str) -> float:
+    for _ in range(2):  # compiles / JIT-builds, then warms up
+        fn(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn(*args)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters
+
+
+def copy_speed(device: str, iters: int) -> float:
+    """The card's device-to-device copy speed in bytes per second (read + write counted), 1 GiB."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / seconds_per_call(lambda: b.copy_(a), (), iters, device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tokens", type=int, default=32760)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    print(f"device: {card}, torch {torch.__version__}", flush=True)
+    results = []
+    if args.device == "cuda":
+        speed = copy_speed(args.device, args.iters)
+        print(f"copy: {speed / 1e12:.2f} TB/s", flush=True)
+        results.append(dict(card=card, copy_tb_s=speed / 1e12))
+    for label, module, call_args in cases(args.device, args.tokens):
+        definition = getattr(module, function_name(label)).__wrapped__
+        kernel = getattr(row_kernels, function_name(label))
+        compiled = torch.compile(definition, dynamic=False, options=COMPILE_OPTIONS)
+        with torch.no_grad():
+            moved = moved_bytes(call_args, kernel(*call_args))
+            times = {name: seconds_per_call(fn, call_args, args.iters, args.device)
+                     for name, fn in (("kernel", kernel), ("inductor", compiled))}
+        result = dict(case=label, tokens=args.tokens, moved_gb=moved / 1e9,
+                      **{f"{name}_ms": t * 1e3 for name, t in times.items()},
+                      **{f"{name}_tb_s": moved / t / 1e12 for name, t in times.items()})
+        results.append(result)
+        print(f"{label:>30}: kernel {result['kernel_ms']:.3f} ms ({result['kernel_tb_s']:.2f} TB/s), inductor "
+              f"{result['inductor_ms']:.3f} ms ({result['inductor_tb_s']:.2f} TB/s), {moved / 1e6:.0f} MB moved",
+              flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
