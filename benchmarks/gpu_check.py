@@ -185,7 +185,8 @@ def check_attention_kernels(root: Path, gpu: str) -> list[str]:
     g = torch.Generator().manual_seed(0)
     for q_len, kv_len in ((1000, 700), (8200, 8200), (8200, 512)):
         q, k, v = (torch.randn(1, n, 8, 128, generator=g).to(gpu, torch.bfloat16) for n in (q_len, kv_len, kv_len))
-        k = k + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16)  # a key offset, as real keys have
+        # offsets shared by all tokens, as real keys and values have (both 8-bit types remove them before rounding)
+        k, v = (x + torch.randn(1, 1, 8, 128, generator=g).to(gpu, torch.bfloat16) for x in (k, v))
         want = attn.sdpa(q.float(), k.float(), v.float())
         for name, call, bound in calls:
             try:

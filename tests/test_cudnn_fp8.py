@@ -23,14 +23,16 @@ from x2v.ops.cudnn_fp8 import FP8, FP8_MAX, make_graph, quantize  # noqa: E402
 def qkv(seed: int, q_len: int = 96, kv_len: int = 80, heads: int = 2, head_dim: int = 64, offset: float = 0.0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, n, heads, head_dim, generator=g) for n in (q_len, kv_len, kv_len))
-    return q, k + offset * torch.randn(1, 1, heads, head_dim, generator=g), v
+    k_offset, v_offset = (offset * torch.randn(1, 1, heads, head_dim, generator=g) for _ in range(2))
+    return q, k + k_offset, v + v_offset
 
 
 @pytest.mark.parametrize("center", [False, True])
 def test_quantize_one_scale_per_tensor(center):
     x = qkv(0, offset=3.0)[1] * 5
-    x8, scale = quantize(x, center)
+    x8, scale, mean = quantize(x, center)
     assert x8.dtype == FP8 and x8.shape == x.shape and scale.shape == (1, 1, 1, 1)
+    assert (mean is None) if not center else torch.allclose(mean, x.mean(1, keepdim=True))
     want = x - x.mean(1, keepdim=True) if center else x
     assert torch.isclose(x8.float().abs().max(), torch.tensor(FP8_MAX))  # the largest value lands on fp8's largest
     assert torch.allclose(x8.float() * scale, want, rtol=2 ** -4, atol=2 ** -9 * scale.item())  # half an fp8 step
@@ -58,13 +60,16 @@ def test_attention_within_fp8_precision_of_softmax_attention(monkeypatch, capabi
     monkeypatch.setattr(cudnn_fp8, "capability", lambda device: capability)
     monkeypatch.setattr(cudnn_fp8, "planned", lambda *operands: None)
     monkeypatch.setattr(cudnn_fp8, "execute", emulated_execute)
-    for seed, offset in ((1, 0.0), (2, 4.0)):  # keys with a large shared offset: centering removes it exactly
+    # Keys and values with a large offset shared by all tokens (as a DiT's have): centering removes it exactly.
+    # Left in V it would take most of fp8's range, and its rounding error would go into every output row alike:
+    # 2.4-2.8e-2 here instead of 2.8e-3.
+    for seed, offset, case_bound in ((1, 0.0, bound), (2, 4.0, 1e-2)):
         q, k, v = (x.to(torch.bfloat16) for x in qkv(seed, offset=offset))
         out = cudnn_fp8.cudnn_fp8_attention(q, k, v)
         assert out.dtype == torch.bfloat16 and out.shape == q.shape
         # fp8 e4m3 rounds each value by up to 2^-4 relative: about 5 % here, most of it from Q and K (docs)
         err = relative_l2(out, sdpa(q.float(), k.float(), v.float()))
-        assert err < bound, (seed, err)
+        assert err < case_bound, (seed, err)
 
 
 @pytest.mark.parametrize("kv_len", [32760, 512])  # Wan 14B at 480P: self- and cross-attention
@@ -116,9 +121,9 @@ def test_fp8_output_goes_to_the_fp8_o_projection_as_it_is(tmp_path, monkeypatch)
     monkeypatch.setattr(attention, "failed_types", set())
     attention.kernel.cache_clear()
     calls, conversions = [], []
-    real_attend, real_dequantize = cudnn_fp8.attend, cudnn_fp8.dequantize
+    real_attend, real_restore = cudnn_fp8.attend, cudnn_fp8.restore
     monkeypatch.setattr(cudnn_fp8, "attend", lambda *a: calls.append(1) or real_attend(*a))
-    monkeypatch.setattr(cudnn_fp8, "dequantize", lambda *a: conversions.append(1) or real_dequantize(*a))
+    monkeypatch.setattr(cudnn_fp8, "restore", lambda *a: conversions.append(1) or real_restore(*a))
     model = x2v.load_dit(write_tiny_model(tmp_path / "t2v", "t2v"), dit_quantized=True, quant_scheme="fp8-vllm")
     set_quant_mode(model, "w8a8")
     model.set_attention("cudnn_fp8")
@@ -135,5 +140,5 @@ def test_fp8_output_goes_to_the_fp8_o_projection_as_it_is(tmp_path, monkeypatch)
         assert len(calls) == 3 * blocks and len(conversions) == blocks
         capability[0] = (10, 0)
         model(x, t, context)
-    assert len(calls) == 4 * blocks and len(conversions) == blocks  # bf16 from cuDNN: nothing to hand over
-    assert 0 < relative_l2(got, want) < 1e-2, relative_l2(got, want)  # 3.4e-3 when written
+    assert len(calls) == 4 * blocks and len(conversions) == 2 * blocks  # bf16 from cuDNN: converted, V's mean added
+    assert 0 < relative_l2(got, want) < 1e-2, relative_l2(got, want)  # 3.5e-3 when written

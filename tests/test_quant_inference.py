@@ -16,7 +16,7 @@ from test_dit import RELEASES, VARIANTS, diffusers_dit, make_inputs, official_st
 from test_quant_loading import FORMATS, converter_quantizes, quantize, relative_l2, write_format
 from test_t5 import TINY_CONFIGS, padded_batch, tiny_hf_encoder
 from test_t5 import official_state_dict as t5_state_dict
-from x2v.formats.quant import dequantize_weight, quantize_weight, quantized_in_releases
+from x2v.formats.quant import QUANT_DTYPES, dequantize_weight, quantize_weight, quantized_in_releases
 from x2v.loading.dit import load_dit
 from x2v.loading.image_encoder import OFFICIAL_FILE, load_image_encoder
 from x2v.loading.inspect import memory_at
@@ -126,6 +126,24 @@ def test_8bit_matmul_bias_in_the_epilogue_or_after(kind, bias_in_epilogue, monke
     x = torch.randn(40, 64, generator=g)
     torch.testing.assert_close(with_bias(x).float(), without(x).float() + with_bias.bias.float(),
                                rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fp8_input_with_an_offset_per_sample(batch):
+    """An fp8 activation with one scale and a per-sample offset (cudnn_fp8's output, V's mean aside) through an fp8
+    layer: the offset's projection joins the bias (in the matmul for one sample, added after for two); equal to
+    the layer on the dequantized input within fp8 rounding."""
+    from x2v.ops.quant_linear import fp8_input
+
+    g = torch.Generator().manual_seed(4)
+    layer = quantized_layer(torch.randn(48, 64, generator=g) / 8, torch.randn(48, generator=g), "fp8", torch.bfloat16)
+    layer.mode = "w8a8"
+    values = (torch.randn(batch, 24, 64, generator=g) * 100).to(QUANT_DTYPES["fp8"])
+    scale, offset = torch.tensor(0.01).reshape(1, 1, 1, 1), 3 * torch.randn(batch, 1, 64, generator=g)
+    got = layer.run_quantized(fp8_input(values, scale), offset)
+    want = F.linear((values.float() * scale.flatten() + offset).bfloat16(), layer.dequantized_weight(), layer.bias)
+    assert got.shape == want.shape == (batch, 24, 48) and got.dtype == torch.bfloat16
+    assert relative_l2(got, want) < 1e-2
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -113,7 +113,8 @@ class SelfAttention(nn.Module):
             # as it is: no conversion to 16 bits and quantization back.
             out8 = attention_fp8_output(q, k, v, self.backend)
             if out8 is not None:
-                return self.o.run_quantized(fp8_input(out8[0].flatten(2), out8[1]))
+                values, scale, offset = out8
+                return self.o.run_quantized(fp8_input(values.flatten(2), scale), offset.flatten(2))
         return linear(self.o, attention(q, k, v, self.backend).flatten(2))
 
 

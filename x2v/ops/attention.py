@@ -87,9 +87,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = 
 
 
 def attention_fp8_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         backend: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``attention(q, k, v, backend)`` as fp8 values ``[B, Lq, heads, d]`` and their one float32 scale, for an fp8
-    matmul to take as they are, where the backend's kernel writes fp8 (``cudnn_fp8`` on Hopper); else None (call
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``attention(q, k, v, backend)`` as fp8 values ``[B, Lq, heads, d]``, their one float32 scale and a float32
+    offset ``[B, 1, heads, d]`` shared by all query rows (attention = values * scale + offset), for an fp8 matmul
+    to take as they are, where the backend's kernel writes fp8 (``cudnn_fp8`` on Hopper); else None (call
     ``attention``)."""
     if backend not in FP8_OUTPUT or backend in failed_types or kernel(backend) is None:
         return None

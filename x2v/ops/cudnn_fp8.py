@@ -1,12 +1,15 @@
 """8-bit attention through cuDNN: attention type ``cudnn_fp8``, cuDNN's own fp8 flash attention (Hopper and later).
 
-Q, K and V go to fp8 e4m3 with one scale per tensor; K first loses its mean over the tokens, which leaves softmax
-unchanged and shrinks the values, and with them fp8's rounding error, which is relative to each value. cuDNN runs
-both matmuls on the fp8 tensor cores and quantizes P = exp(S - max) itself, scaled by 448 (its values are in [0, 1]).
-On Hopper cuDNN writes the output in fp8 too (a 16-bit output from fp8 attention needs Blackwell): each output row
-is a weighted mean of V's rows, so |O| <= max |V|, and the output scale puts max |V| at half of fp8's range; x2v
-then converts it to the input's dtype, or hands it as it is to an fp8 output projection
-(``cudnn_fp8_attention_fp8_output``). The price is fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O.
+Q, K and V go to fp8 e4m3 with one scale per tensor; K and V first lose their means over the tokens, which shrinks
+the values, and with them fp8's rounding error, which is relative to each value. K's mean leaves softmax unchanged;
+V's is added back to the output (each output row is a weighted mean of V's rows, P's rows summing to 1). In a DiT
+V's mean grows block by block (the modulation's shift reaches every token): left in, it took most of fp8's range
+and its rounding error went into every output row alike. cuDNN runs both matmuls on the fp8 tensor cores and
+quantizes P = exp(S - max) itself, scaled by 448 (its values are in [0, 1]). On Hopper cuDNN writes the output in
+fp8 too (a 16-bit output from fp8 attention needs Blackwell): |O| <= max |V|, and the output scale puts max |V| at
+half of fp8's range; x2v then converts it to the input's dtype, adding V's mean, or hands it as it is to an fp8
+output projection, which adds the projected mean to its bias (``cudnn_fp8_attention_fp8_output``). The price is
+fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O.
 
 Needs NVIDIA's Python frontend for cuDNN (``pip install nvidia-cudnn-frontend``); the cuDNN library itself comes
 with CUDA builds of PyTorch. One cuDNN graph per shape and device, built on first use (about a second).
@@ -34,14 +37,16 @@ SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale
 
 
 @fused_on_gpu
-def quantize(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [B, L, H, D] (minus its mean over the tokens if ``center``) -> fp8 e4m3 of the same shape and its one
-    scale (x ~ x8 * scale) as the [1, 1, 1, 1] float32 tensor cuDNN takes."""
+def quantize(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``x`` [B, L, H, D] (minus its mean over the tokens if ``center``: not for Q, whose mean softmax does not
+    ignore) -> fp8 e4m3 of the same shape, its one scale as the [1, 1, 1, 1] float32 tensor cuDNN takes, and the
+    mean [B, 1, H, D] or None (x ~ x8 * scale + mean)."""
     x = x.float()
+    mean = x.mean(1, keepdim=True) if center else None
     if center:
-        x = x - x.mean(1, keepdim=True)
+        x = x - mean
     scale = (x.abs().amax().clamp_min(1e-30) / FP8_MAX).reshape(1, 1, 1, 1)  # all zeros quantize to zeros, not NaN
-    return (x / scale).to(FP8), scale
+    return (x / scale).to(FP8), scale, mean
 
 
 def output_scales(v_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,19 +136,22 @@ def constants(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 @fused_on_gpu
-def dequantize(x8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (x8.float() * scale).to(dtype)
+def restore(out: torch.Tensor, scale: torch.Tensor | None, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cuDNN's output (fp8 with its ``scale``, or 16-bit: None) plus V's mean, in ``dtype``."""
+    out = out.float() if scale is None else out.float() * scale
+    return (out + mean).to(dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """cuDNN's output and, where it is fp8 (Hopper), the scale that turns it back (out ~ values * scale)."""
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                       torch.Tensor]:
+    """cuDNN's output of the centered V; where it is fp8 (Hopper), the scale that turns it back; V's mean
+    (attention = out * scale + mean)."""
     card = capability(q.device)
     if card < FP8_ATTENTION_CAPABILITY:
         raise RuntimeError(f"cuDNN's fp8 attention needs a Hopper or newer GPU (compute capability 9.0); this one "
                            f"is {'.'.join(map(str, card))}: use sage_triton there")
-    q8, q_scale = quantize(q, False)
-    k8, k_scale = quantize(k, True)
-    v8, v_scale = quantize(v, False)
+    (q8, q_scale, _), (k8, k_scale, _), (v8, v_scale, v_mean) = (quantize(x, center) for x, center in
+                                                                  ((q, False), (k, True), (v, True)))
     half_output = card >= HALF_OUTPUT_CAPABILITY
     out = torch.empty(q.shape, dtype=q.dtype if half_output else FP8, device=q.device)
     data = dict(constants(q.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
@@ -151,7 +159,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
     if not half_output:
         data["scale_o"], o_descale = output_scales(v_scale)
     execute(planned(q8, k8, v8, out), data)
-    return out, o_descale
+    return out, o_descale, v_mean
 
 
 # Inside compiled blocks (use_compile) these run as they are, between two graphs, like sage_triton.
@@ -159,16 +167,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
 def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
     (scale 1/sqrt(D), no mask)."""
-    out, o_descale = attend(q, k, v)
-    return out if o_descale is None else dequantize(out, o_descale, q.dtype)
+    return restore(*attend(q, k, v), q.dtype)
 
 
 @torch.compiler.disable
 def cudnn_fp8_attention_fp8_output(q: torch.Tensor, k: torch.Tensor,
-                                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The same attention as cuDNN writes it on Hopper: fp8 values [B, Lq, H, D] and their one scale [1, 1, 1, 1],
-    for an fp8 matmul to take as they are (no conversion to 16 bits and back); None on cards where cuDNN writes
-    16 bits (Blackwell), before any work."""
+                                   v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The same attention as cuDNN writes it on Hopper, for an fp8 matmul to take as it is (no conversion to 16
+    bits and back): fp8 values [B, Lq, H, D], their one scale [1, 1, 1, 1] and the offset [B, 1, H, D] shared by
+    all query rows (attention = values * scale + offset); None on cards where cuDNN writes 16 bits (Blackwell),
+    before any work."""
     if capability(q.device) >= HALF_OUTPUT_CAPABILITY:
         return None
     return attend(q, k, v)

@@ -174,10 +174,20 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.dequantized_weight(), self.bias)
         return self.run_quantized(quantize_input(x, self.kind))
 
-    def run_quantized(self, x: QuantizedInput) -> torch.Tensor:
-        """The W8A8 matmul of an already quantized input (see ``shares_quantized_input``)."""
-        out = MATMULS[self.kind](x, self.weight, self.weight_scale, self.bias, self.compute_dtype)
-        return out[:math.prod(x.shape[:-1])].view(*x.shape[:-1], self.out_features)
+    def run_quantized(self, x: QuantizedInput, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The W8A8 matmul of an already quantized input (see ``shares_quantized_input``); ``offset`` [B, 1, in]:
+        the layer's input is x + offset (one row per sample, shared by its tokens), whose projection
+        W·offset joins the bias: in the matmul's epilogue for one sample, added after for more."""
+        bias, after = self.bias, None
+        if offset is not None:
+            projected = F.linear(offset.to(self.compute_dtype), self.dequantized_weight())  # [B, 1, out]
+            if projected.shape[0] == 1:
+                bias = projected.flatten() if bias is None else bias + projected.flatten()
+            else:
+                after = projected
+        out = MATMULS[self.kind](x, self.weight, self.weight_scale, bias, self.compute_dtype)
+        out = out[:math.prod(x.shape[:-1])].view(*x.shape[:-1], self.out_features)
+        return out if after is None else out + after
 
 
 def shares_quantized_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bool:
