@@ -44,8 +44,9 @@ step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
 # 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8
 #    o-projection), pipelines GPU vs CPU, 8-bit linears, offload modes.
 step gpu_check 180 python3 benchmarks/gpu_check.py
-# 3. Each row kernel against its Inductor-compiled function at 14B / 480P shapes: ms and memory speed.
-step row_kernels 150 python3 benchmarks/row_kernel_speed.py --json "$OUT/row_kernels.json"
+# 3. Each row kernel against its Inductor-compiled function at 14B / 480P shapes, and with 4 / 8 / 16 warps: ms and
+#    memory speed.
+step row_kernels 180 python3 benchmarks/row_kernel_speed.py --json "$OUT/row_kernels.json"
 # 4. Where the time goes now: a profile of one bf16 and one fp8 + cudnn_fp8 forward (its log only: at most 8
 #    files come back from a call).
 step profile_14b 200 python3 benchmarks/dit_step.py --sizes 14B --iters 1 --profile 30 --variants bf16 fp8-cudnn_fp8

@@ -1,6 +1,6 @@
 """Time x2v's one-pass row kernels (``x2v.ops.row_kernels``) against the same functions compiled by Inductor (what
 ran before them) at Wan 14B / 480P shapes: milliseconds per call and the memory speed each reaches, next to the
-card's copy speed.
+card's copy speed, and each kernel with 4, 8 and 16 warps (``row_kernels.WARPS``) next to its default.
 
     python benchmarks/row_kernel_speed.py [--tokens 32760] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/row_kernel_speed.py --device cpu --tokens 16 --iters 1   # smoke test
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=32760)
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16], help="also time the kernels with these")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
@@ -103,17 +104,21 @@ def main() -> None:
         definition = getattr(module, function_name(label)).__wrapped__
         kernel = getattr(row_kernels, function_name(label))
         compiled = torch.compile(definition, dynamic=False, options=COMPILE_OPTIONS)
+        times = {}
         with torch.no_grad():
             moved = moved_bytes(call_args, kernel(*call_args))
-            times = {name: seconds_per_call(fn, call_args, args.iters, args.device)
-                     for name, fn in (("kernel", kernel), ("inductor", compiled))}
+            times["inductor"] = seconds_per_call(compiled, call_args, args.iters, args.device)
+            times["kernel"] = seconds_per_call(kernel, call_args, args.iters, args.device)  # its default warps
+            for warps in args.warps:
+                row_kernels.WARPS = warps
+                times[f"kernel {warps}w"] = seconds_per_call(kernel, call_args, args.iters, args.device)
+            row_kernels.WARPS = None
         result = dict(case=label, tokens=args.tokens, moved_gb=moved / 1e9,
-                      **{f"{name}_ms": t * 1e3 for name, t in times.items()},
-                      **{f"{name}_tb_s": moved / t / 1e12 for name, t in times.items()})
+                      **{f"{name} ms": t * 1e3 for name, t in times.items()},
+                      **{f"{name} TB/s": moved / t / 1e12 for name, t in times.items()})
         results.append(result)
-        print(f"{label:>30}: kernel {result['kernel_ms']:.3f} ms ({result['kernel_tb_s']:.2f} TB/s), inductor "
-              f"{result['inductor_ms']:.3f} ms ({result['inductor_tb_s']:.2f} TB/s), {moved / 1e6:.0f} MB moved",
-              flush=True)
+        print(f"{label:>30} ({moved / 1e6:.0f} MB): " + ", ".join(
+            f"{name} {t * 1e3:.3f} ms ({moved / t / 1e12:.2f} TB/s)" for name, t in times.items()), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

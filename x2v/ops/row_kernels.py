@@ -24,10 +24,13 @@ GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), tanh-GELU's constant
 ROUND_MAGIC = tl.constexpr(12582912.0)
 
 
+WARPS: int | None = None  # overrides the warps below (benchmarks/row_kernel_speed.py times 4, 8 and 16)
+
+
 def _launch(width: int) -> tuple[int, int]:
     """Block size (the row padded to a power of two) and warps: about 32 values per thread."""
     block = triton.next_power_of_2(width)
-    return block, min(16, max(4, block // 1024))
+    return block, WARPS or min(16, max(4, block // 1024))
 
 
 def _takes(x: torch.Tensor) -> bool:
