@@ -139,15 +139,14 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
 def check_row_kernels(gpu: str) -> list[str]:
     """x2v's one-pass row kernels at a 14B width against the functions they implement, run op by op on the card:
     both round to nearest, so 16- and 8-bit results differ only where float32 sums round differently."""
-    from row_kernel_speed import cases, function_name
-    from x2v.ops import row_kernels
+    from row_kernel_speed import cases, definition_and_kernel
 
     failures = []
-    for label, module, args in cases(gpu, tokens=3328):  # a 480P latent frame's rows (2 x 32 x 52)
+    for label, fused, args in cases(gpu, tokens=3328):  # a 480P latent frame's rows (2 x 32 x 52)
         bound = 1e-2 if label.startswith("quantize") else 2e-3
+        definition, kernel = definition_and_kernel(fused)
         with torch.no_grad():
-            name = function_name(label)
-            got, want = getattr(row_kernels, name)(*args), getattr(module, name).__wrapped__(*args)
+            got, want = kernel(*args), definition(*args)
         pairs = list(zip(got, want)) if isinstance(got, tuple) else [(got, want)]
         rel = max(relative_l2(a.float(), b.float()) for a, b in pairs)
         failures += verdict(rel <= bound, f"row kernel {label}: rel. L2 to its definition {rel:.1e} (bound {bound})",

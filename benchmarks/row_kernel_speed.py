@@ -5,7 +5,7 @@ card's copy speed, and each kernel with 4, 8 and 16 warps (``row_kernels.WARPS``
     python benchmarks/row_kernel_speed.py [--tokens 32760] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/row_kernel_speed.py --device cpu --tokens 16 --iters 1   # smoke test
 
-A kernel slower than its compiled function is switched off by deleting its name from its ``fused_on_gpu``.
+A kernel slower than its compiled function is switched off by dropping ``row_kernel=True`` from its ``fused_on_gpu``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ GRID_480P = (21, 30, 52)  # latent frames x patch rows x patch columns: 32,760 t
 
 def cases(device: str, tokens: int = 32760, width: int = 5120, ffn_width: int = 13824, heads: int = 40,
           seed: int = 0) -> list[tuple[str, object, tuple]]:
-    """Each row kernel's call in a 14B block, on random inputs: (label, the module defining it, arguments)."""
+    """Each row kernel's call in a 14B block, on random inputs: (label, the fused function, arguments). The
+    function's ``__wrapped__`` is its definition, ``row_kernels``' function of the same name its kernel."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape, scale=1.0, dtype=torch.float32):
@@ -42,19 +43,20 @@ def cases(device: str, tokens: int = 32760, width: int = 5120, ffn_width: int = 
     grid = (frames, *GRID_480P[1:]) if frames * GRID_480P[1] * GRID_480P[2] == tokens else (1, 1, tokens)
     rope = rope_rotations(grid, width // heads, torch.device(device))
     act, ffn = rand(tokens, width, dtype=torch.bfloat16), rand(tokens, ffn_width, scale=2.0, dtype=torch.bfloat16)
-    bf16 = torch.bfloat16
-    return [("modulated_norm", norms, (x, shift, scale, 1e-6, bf16)),
-            ("residual_modulated_norm", norms, (x, y, shift, scale, 1e-6, bf16)),
-            ("gated_residual_layer_norm", norms, (x, y, gate, weight, bias, 1e-6, bf16)),
-            ("rms_norm_rope", norms, (y, weight.abs(), 1e-6, heads, rope, bf16)),
-            ("rms_norm", norms, (y, weight.abs(), 1e-6, heads, None, bf16)),
-            ("quantize_activations fp8", quant_linear, (act, "fp8", False)),
-            ("quantize_activations fp8 gelu", quant_linear, (ffn, "fp8", True)),
-            ("quantize_activations int8", quant_linear, (act, "int8", False))]
+    bf16, quantize = torch.bfloat16, quant_linear.quantize_activations
+    return [("modulated_norm", norms.modulated_norm, (x, shift, scale, 1e-6, bf16)),
+            ("residual_modulated_norm", norms.residual_modulated_norm, (x, y, shift, scale, 1e-6, bf16)),
+            ("gated_residual_layer_norm", norms.gated_residual_layer_norm, (x, y, gate, weight, bias, 1e-6, bf16)),
+            ("rms_norm_rope", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, rope, bf16)),
+            ("rms_norm", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, None, bf16)),
+            ("quantize_activations fp8", quantize, (act, "fp8", False)),
+            ("quantize_activations fp8 gelu", quantize, (ffn, "fp8", True)),
+            ("quantize_activations int8", quantize, (act, "int8", False))]
 
 
-def function_name(label: str) -> str:
-    return "rms_norm_rope" if label == "rms_norm" else label.split()[0]
+def definition_and_kernel(fused) -> tuple[object, object]:
+    """A fused function's definition (the Python function) and its row kernel."""
+    return fused.__wrapped__, getattr(row_kernels, fused.__name__)
 
 
 def moved_bytes(args: tuple, out) -> int:
@@ -100,9 +102,8 @@ def main() -> None:
         speed = copy_speed(args.device, args.iters)
         print(f"copy: {speed / 1e12:.2f} TB/s", flush=True)
         results.append(dict(card=card, copy_tb_s=speed / 1e12))
-    for label, module, call_args in cases(args.device, args.tokens):
-        definition = getattr(module, function_name(label)).__wrapped__
-        kernel = getattr(row_kernels, function_name(label))
+    for label, fused, call_args in cases(args.device, args.tokens):
+        definition, kernel = definition_and_kernel(fused)
         compiled = torch.compile(definition, dynamic=False, options=COMPILE_OPTIONS)
         times = {}
         with torch.no_grad():

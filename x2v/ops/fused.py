@@ -60,20 +60,21 @@ def fused_enabled() -> bool:
     return _enabled
 
 
-def fused_on_gpu(fn=None, *, kernel=None):
+def fused_on_gpu(fn=None, *, row_kernel: bool = False):
     """``fn`` run as fused kernels when its first argument is a large tensor on a GPU; eager elsewhere, for small
     inputs, inside an already compiled model (which fuses this code with the rest), or if compiling fails (said
     once).
 
-    ``kernel`` names a hand-written version in ``x2v.ops.row_kernels`` (one-pass Triton kernels), tried first: it
-    returns None for arguments it does not take; one that raises, or no Triton, is said once and not tried again.
+    ``row_kernel``: ``x2v.ops.row_kernels`` has a hand-written version of the same name (a one-pass Triton kernel),
+    tried first: it returns None for arguments it does not take; one that raises, or no Triton, is said once and
+    not tried again.
     Otherwise ``fn`` is compiled per shape (a generation keeps its shapes) with launch settings tuned on the card:
     the activation quantization compiled shape-generic and untuned took 0.59 ms per call at 14B / 480P on an H100,
     0.26 ms so.
     """
     if fn is None:
-        return functools.partial(fused_on_gpu, kernel=kernel)
-    state = {"compiled": None, "kernel": kernel}  # compiled: False once compiling failed; kernel: None once failed
+        return functools.partial(fused_on_gpu, row_kernel=row_kernel)
+    state = {"compiled": None, "kernel": row_kernel}  # each False once it failed
 
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
@@ -82,9 +83,9 @@ def fused_on_gpu(fn=None, *, kernel=None):
             return fn(x, *args)
         if state["kernel"] and _kernels_enabled:
             try:
-                out = getattr(importlib.import_module("x2v.ops.row_kernels"), state["kernel"])(x, *args)
+                out = getattr(importlib.import_module("x2v.ops.row_kernels"), fn.__name__)(x, *args)
             except Exception as e:  # noqa: BLE001 - e.g. no Triton, or a kernel that does not build for this card
-                state["kernel"] = None
+                state["kernel"] = False
                 log.warning("%s: its Triton kernel failed (%s); it runs compiled.", fn.__name__, first_line(e))
             else:
                 if out is not None:

@@ -31,7 +31,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return torch.addcmul(shift, layer_norm(x, eps), 1 + scale)
 
 
-@fused_on_gpu(kernel="modulated_norm")
+@fused_on_gpu(row_kernel=True)
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                    out_dtype: torch.dtype) -> torch.Tensor:
     return modulate(x, shift, scale, eps).to(out_dtype)
@@ -44,7 +44,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return torch.addcmul(x, y, gate)
 
 
-@fused_on_gpu(kernel="gated_residual_layer_norm")
+@fused_on_gpu(row_kernel=True)
 def gated_residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
                               bias: torch.Tensor, eps: float, out_dtype: torch.dtype):
     """``(x', LayerNorm(x') in out_dtype)`` with ``x' = x + y * gate``: the stream is read once for both."""
@@ -52,7 +52,7 @@ def gated_residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tens
     return x, layer_norm(x, eps, weight, bias).to(out_dtype)
 
 
-@fused_on_gpu(kernel="residual_modulated_norm")
+@fused_on_gpu(row_kernel=True)
 def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                             eps: float, out_dtype: torch.dtype):
     """``(x', modulated_norm(x'))`` with ``x' = x + y``."""
@@ -60,7 +60,7 @@ def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, shift: torch.Tenso
     return x, modulate(x, shift, scale, eps).to(out_dtype)
 
 
-@fused_on_gpu(kernel="rms_norm_rope")
+@fused_on_gpu(row_kernel=True)
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, rope: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
     """RMS norm over the whole feature vector ``[B, L, dim]`` (across heads), split into ``[B, L, heads, d]``,

@@ -37,7 +37,7 @@ INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 SCALED_MM_ADDS_BIAS: dict[str, bool] = {}
 
 
-@fused_on_gpu(kernel="quantize_activations")
+@fused_on_gpu(row_kernel=True)
 def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of a 2-D activation (after tanh-GELU with ``gelu``): ``(x_q, scale [rows, 1]
     float32)``."""
