@@ -49,6 +49,7 @@ def cases(device: str, tokens: int = 32760, width: int = 5120, ffn_width: int = 
             ("gated_residual_layer_norm", norms.gated_residual_layer_norm, (x, y, gate, weight, bias, 1e-6, bf16)),
             ("rms_norm_rope", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, rope, bf16)),
             ("rms_norm", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, None, bf16)),
+            ("rms_norm_rope_fp8", norms.rms_norm_rope_fp8, (y, weight.abs(), 1e-6, heads, rope)),  # cudnn_fp8's Q
             ("quantize_activations fp8", quantize, (act, "fp8", False)),
             ("quantize_activations fp8 gelu", quantize, (ffn, "fp8", True)),
             ("quantize_activations int8", quantize, (act, "int8", False))]

@@ -95,17 +95,20 @@ def build(arch: int, q_len: int, kv_len: int, tiling: sage.Tiling, qk_dtype: tor
 ROW_TYPES = dict(X="*fp32", Y="*bf16", Gate="*fp32", Weight="*fp32", Bias="*fp32", XOut="*fp32", Out="*bf16",
                  width="i32/16", eps="fp32", gate_div="i32/16", gate_stride="i32/16", weight_div="i32/16",
                  weight_stride="i32/16", bias_stride="i32/16", Rope="*fp32", tokens="i32", Values="*fp8e4nv",
-                 Scales="*fp32")
-ROW_VARIANTS = [(rows._layer_norm_kernel, dict(HAS_Y=False, HAS_GATE=False, ONE_PLUS=True), 5120),  # modulated
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=False, ONE_PLUS=True), 5120),  # + residual
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 5120),  # norm3
-                (rows._rms_norm_rope_kernel, dict(HEAD_DIM=128, HAS_ROPE=True), 5120),
-                (rows._quantize_kernel, dict(QMAX_=448.0, GELU=False, INT8=False), 5120),
-                (rows._quantize_kernel, dict(QMAX_=448.0, GELU=True, INT8=False), 13824),  # the 14B feed-forward
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 1536)]  # 1.3B
+                 Scales="*fp32", Scale="*fp32", scale_factor="fp32")
+FP8_OUT = dict(Out="*fp8e4nv")
+# (kernel, its constants, row width, operand types other than ROW_TYPES')
+ROW_VARIANTS = [(rows._layer_norm_kernel, dict(HAS_Y=False, HAS_GATE=False, ONE_PLUS=True), 5120, {}),  # modulated
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=False, ONE_PLUS=True), 5120, {}),  # + residual
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 5120, {}),  # norm3
+                (rows._rms_norm_rope_kernel, dict(HEAD_DIM=128, HAS_ROPE=True, FP8_SCALED=False), 5120, {}),
+                (rows._rms_norm_rope_kernel, dict(HEAD_DIM=128, HAS_ROPE=True, FP8_SCALED=True), 5120, FP8_OUT),  # Q
+                (rows._quantize_kernel, dict(QMAX_=448.0, GELU=False, INT8=False), 5120, {}),
+                (rows._quantize_kernel, dict(QMAX_=448.0, GELU=True, INT8=False), 13824, {}),  # the 14B feed-forward
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 1536, {})]  # 1.3B
 
 
-def build_row_kernel(arch: int, fn, constants: dict, width: int) -> dict:
+def build_row_kernel(arch: int, fn, constants: dict, width: int, types_here: dict) -> dict:
     """Compile one row kernel as ``row_kernels`` launches it for rows of ``width`` (X bf16 where it is an
     activation, float32 where it is the residual stream)."""
     block, warps = rows._launch(width)
@@ -116,6 +119,7 @@ def build_row_kernel(arch: int, fn, constants: dict, width: int) -> dict:
             types[name], consts[(i,)] = "constexpr", constants[name]
             continue
         types[name] = "*bf16" if name == "X" and fn is not rows._layer_norm_kernel else ROW_TYPES[name]
+        types[name] = types_here.get(name, types[name])
         if types[name].startswith("*") or types[name] == "i32/16":  # torch's allocations are aligned
             attrs[(i,)] = [["tt.divisibility", 16]]
         types[name] = types[name].removesuffix("/16")
@@ -153,9 +157,9 @@ def sage_builds(arch: int, kv_lens: list[int], tilings: str) -> list[dict]:
 
 def row_builds(arch: int) -> list[dict]:
     results = []
-    for fn, constants, width in ROW_VARIANTS:
+    for fn, constants, width, types_here in ROW_VARIANTS:
         try:
-            r = build_row_kernel(arch, fn, constants, width)
+            r = build_row_kernel(arch, fn, constants, width, types_here)
         except Exception as e:  # noqa: BLE001 - e.g. fp8 before Ada: reported, the rest still built
             print(f"{fn.__name__} {constants} width {width}: does not build ({str(e).strip().splitlines()[-1][:200]})",
                   flush=True)

@@ -8,6 +8,7 @@ up to a power of two comes out half that (the carry into the exponent is lost), 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -29,13 +30,14 @@ assert os.environ.get("TRITON_INTERPRET") == "1"  # conftest.py: the kernels run
 WIDTH, HEADS, TOKENS = 96, 3, 12  # a width that is not a power of two: the kernels mask their blocks
 
 
-def within_steps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, steps: float = 1.0) -> None:
+def within_steps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, steps: float = 1.0,
+                 slack: torch.Tensor | float = 0.0) -> None:
     """Every element of ``got`` within ``steps`` of ``dtype``'s spacing at that value of ``want``'s (or, for fp8,
-    the interpreter's half of a power of two)."""
+    the interpreter's half of a power of two), plus ``slack``."""
     got, want = got.float(), want.float()
     finfo = torch.finfo(dtype)
     spacing = torch.exp2(torch.floor(torch.log2(torch.maximum(got.abs(), want.abs()).clamp_min(finfo.tiny))))
-    allowed = steps * finfo.eps * spacing + finfo.smallest_normal * finfo.eps
+    allowed = steps * finfo.eps * spacing + finfo.smallest_normal * finfo.eps + slack
     ok = (got - want).abs() <= allowed
     if dtype.itemsize == 1:
         ok |= (2 * got == want) & (torch.frexp(want).mantissa.abs() == 0.5)
@@ -95,9 +97,40 @@ def test_rms_norm_rope_equals_its_definition(with_rope, dtype):
     elif not with_rope:
         within_steps(got, want, dtype, steps=3)  # rounded twice (normalised values, result), truncated here
     else:  # the rotation mixes each pair: its rounding errors scale with the pair's magnitude
-        pairs = want.float().unflatten(-1, (-1, 2))
-        magnitude = pairs.norm(dim=-1, keepdim=True).expand_as(pairs).flatten(-2)
-        assert ((got.float() - want.float()).abs() <= 3 * torch.finfo(dtype).eps * magnitude + 1e-6).all()
+        assert ((got.float() - want.float()).abs() <= rotated_rounding(want) + 1e-6).all()
+
+
+def rotated_rounding(want: torch.Tensor) -> torch.Tensor:
+    """How far RoPE's outputs may move when the normalised values before it are rounded to bf16 (truncated
+    here): three bf16 steps of the length of each value's channel pair, which the rotation mixes."""
+    pairs = want.float().unflatten(-1, (-1, 2))
+    magnitude = pairs.norm(dim=-1, keepdim=True).expand_as(pairs).flatten(-2)
+    return 3 * torch.finfo(torch.bfloat16).eps * magnitude
+
+
+@pytest.mark.parametrize("with_rope", [True, False])
+def test_rms_norm_rope_fp8_equals_its_definition_and_its_scale_holds_any_row(with_rope):
+    """Q straight to fp8 with a scale known from the gain alone: the kernel and the definition agree (the same
+    scale, values within an fp8 step), and even a row with all its energy in the channel of the largest gain,
+    the bound's worst case, lands just inside fp8's range, undistorted."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, TOKENS, WIDTH, generator=g).bfloat16()
+    x[1, :HEADS] = 0
+    weight = torch.rand(WIDTH, generator=g) + 0.5
+    top = int(weight.argmax())
+    x[1, 0, top] = 7.0  # all of the row's energy where the gain is largest (token 0: RoPE's angles are 0)
+    x[1, 1, top ^ 1] = -2.0  # ... or in the other channel of that pair, which RoPE (token 1) rotates into it
+    rope = rope_rotations((1, 3, 4), WIDTH // HEADS, x.device) if with_rope else None
+    (values, scale), (want_values, want_scale) = (fn(x, weight, 1e-6, HEADS, rope) for fn in (
+        rows.rms_norm_rope_fp8, norms.rms_norm_rope_fp8.__wrapped__))
+    assert values.dtype == want_values.dtype == torch.float8_e4m3fn and values.shape == (2, TOKENS, HEADS, WIDTH // HEADS)
+    assert scale.shape == (1, 1, 1, 1) and scale.item() == want_scale.item()
+    within_steps(values, want_values, values.dtype, slack=rotated_rounding(want_values) if with_rope else 0.0)
+    exact = norms.rms_norm_rope_float(x, weight, 1e-6, HEADS, rope)
+    peak = exact[1, :2].abs().amax(dim=(-1, -2)) / scale.flatten()  # the one-channel rows, in fp8's units
+    assert peak[0] > 440 and (peak < 448).all()  # sqrt(width) * max gain: the bound is tight, and holds
+    within_steps(want_values.float() * scale, exact, want_values.dtype)  # nothing clipped or flushed
+    assert (values[1, 2].float() == 0).all()  # an all-zero row: zeros, not NaN
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
@@ -130,7 +163,8 @@ def test_layouts_the_kernels_do_not_take_run_the_definition():
 
 def test_the_dit_runs_through_the_kernels(tmp_path, monkeypatch):
     """Pointed at the CPU, a bf16 DiT forward (one timestep and per-token timesteps) launches each row kernel and
-    equals the op-by-op forward up to bf16 rounding; with fp8 layers the activation quantization kernel too."""
+    equals the op-by-op forward up to bf16 rounding; with fp8 layers the activation quantization kernel too, and
+    with cudnn_fp8 attention the RMS norm writing Q in fp8."""
     from test_attention_compile import inputs
     from x2v.demo import write_tiny_model
 
@@ -143,7 +177,7 @@ def test_the_dit_runs_through_the_kernels(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn.__name__) or fn)
     launched = []
     for name in ("modulated_norm", "residual_modulated_norm", "gated_residual_layer_norm", "rms_norm_rope",
-                 "quantize_activations"):
+                 "rms_norm_rope_fp8", "quantize_activations"):
         real = getattr(rows, name)
         monkeypatch.setattr(rows, name, lambda *a, _name=name, _real=real: launched.append(_name) or _real(*a))
     directory = write_tiny_model(tmp_path / "t2v", "t2v")
@@ -166,6 +200,17 @@ def test_the_dit_runs_through_the_kernels(tmp_path, monkeypatch):
             want = model(x, t, context)
     assert "quantize_activations" in launched and not compiled
     torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
+    if importlib.util.find_spec("cudnn"):  # with cudnn_fp8 (cuDNN emulated), Q is written in fp8 by its kernel
+        from test_cudnn_fp8 import cudnn_fp8, emulate_cudnn
+
+        emulate_cudnn(monkeypatch, [(9, 0)], on_cpu=True)
+        monkeypatch.setattr(cudnn_fp8, "quantize", cudnn_fp8.quantize.__wrapped__)  # K, V: as gated_residual above
+        model.set_attention("cudnn_fp8")
+        launched.clear()
+        with torch.no_grad():
+            got = model(x, t, context)
+        assert launched.count("rms_norm_rope_fp8") == len(model.blocks) and not compiled
+        torch.testing.assert_close(got, want, rtol=5e-2, atol=5e-2)
 
 
 def test_a_failing_kernel_is_said_once_and_the_compiled_path_takes_over(monkeypatch, caplog):
@@ -213,5 +258,6 @@ def test_row_kernels_build_for_hopper_vectorized_without_spills(tmp_path):
     for build in builds:
         assert build["spill_bytes"] == 0, build
         assert build["loads"] == [["v4", "32"]], build
-        scalar_stores = 1 if build["kernel"] == "_quantize_kernel" else 0  # its row's scale
+        # the quantization's row scales, the fp8 RMS norm's one scale
+        scalar_stores = 1 if build["kernel"] == "_quantize_kernel" or build["constants"].get("FP8_SCALED") else 0
         assert ["v4", "32"] in build["stores"] and len(build["stores"]) == 1 + scalar_stores, build

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x2v.ops.attention import FP8_OUTPUT, TORCH_SDPA, attention, attention_fp8_output, kernel
+from x2v.ops.attention import (FP8_OUTPUT, TORCH_SDPA, Fp8Query, attention, attention_fp8_output, kernel,
+                                takes_fp8_query)
 from x2v.ops.fused import linear_gelu
-from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
-                           residual_modulated_norm, rms_norm_rope)
+from x2v.ops.norms import (FP8, gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
+                           residual_modulated_norm, rms_norm_rope, rms_norm_rope_fp8)
 from x2v.ops.quant_linear import QuantLinear, fp8_input, input_dtype, quantize_input, shares_quantized_input
 from x2v.ops.rope import rope_rotations
 
@@ -67,7 +68,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
 
     def forward(self, x: torch.Tensor, heads: int, out_dtype: torch.dtype, rope: torch.Tensor | None = None):
-        """``[B, L, dim]`` -> ``[B, L, heads, head_dim]`` in ``out_dtype`` (rotated by ``rope`` when given)."""
+        """``[B, L, dim]`` -> ``[B, L, heads, head_dim]`` in ``out_dtype`` (rotated by ``rope`` when given); fp8:
+        an attention's query in fp8 with one scale (``Fp8Query``)."""
+        if out_dtype == FP8:
+            return Fp8Query(*rms_norm_rope_fp8(x, self.weight, self.eps, heads, rope))
         return rms_norm_rope(x, self.weight, self.eps, heads, rope, out_dtype)
 
 
@@ -106,7 +110,8 @@ class SelfAttention(nn.Module):
             return layer(x) if shared is None else layer.run_quantized(shared)
 
         v = project(self.v).unflatten(-1, (self.num_heads, -1))
-        q = self.norm_q(project(self.q), self.num_heads, v.dtype, rope)
+        # An attention kernel that quantizes Q to fp8 with one scale (cudnn_fp8) gets it so from the norm.
+        q = self.norm_q(project(self.q), self.num_heads, FP8 if takes_fp8_query(self.backend, v) else v.dtype, rope)
         k = self.norm_k(project(self.k), self.num_heads, v.dtype, rope)
         if self.backend in FP8_OUTPUT and shares_quantized_input((self.o,), x) and self.o.kind == "fp8":
             # An attention kernel that writes fp8 (cudnn_fp8 on Hopper) hands its output to the fp8 o-projection

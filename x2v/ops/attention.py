@@ -13,11 +13,13 @@ import functools
 import importlib
 import logging
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from x2v.errors import first_line
+from x2v.ops.fused import fused_enabled
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ KERNELS = {
 OWN_8BIT = ("sage_triton", "cudnn_fp8")
 # Types whose kernel can also hand over its output in fp8 with one scale (attention_fp8_output): type -> function
 FP8_OUTPUT = {"cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention_fp8_output")}
+# Types whose kernel takes Q already in fp8 with one scale (an Fp8Query), e.g. from the RMS norm before it
+FP8_QUERY = ("cudnn_fp8",)
 # Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
 NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2_attn", "nbhd_attn",
                    "nbhd_attn_flashinfer", "sparge_attn", "spas_sage_attn2", "spas_sage_attn3", "spas_flash_attn4",
@@ -45,6 +49,16 @@ NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what the optional kernels compute in
 KERNEL_DEVICES = ("cuda",)  # where the optional kernels run (tests add "cpu" with Triton's interpreter or fakes)
 failed_types: set[str] = set()  # attention types that raised once: SDPA runs for them from then on
+
+
+class Fp8Query(NamedTuple):
+    """Q in fp8 e4m3 ``[B, Lq, heads, d]`` with one float32 scale ``[1, 1, 1, 1]`` (Q = values * scale)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.values.float() * self.scale).to(dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -73,20 +87,28 @@ def kernel(name: str):
         return None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = TORCH_SDPA) -> torch.Tensor:
+def takes_fp8_query(backend: str, v: torch.Tensor) -> bool:
+    """Whether ``attention(q, k, v, backend)`` is best given Q as an ``Fp8Query``: the type's kernel (``FP8_QUERY``)
+    runs for these values and quantizes Q to fp8 with one scale anyway; not inside ``unfused()``."""
+    return (backend in FP8_QUERY and backend not in failed_types and fused_enabled() and kernel_takes(v)
+            and kernel(backend) is not None)
+
+
+def attention(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor, backend: str = TORCH_SDPA) -> torch.Tensor:
     """Global, unmasked softmax attention with scale 1/sqrt(head_dim).
 
-    ``q`` is ``[B, Lq, heads, d]``, ``k``/``v`` are ``[B, Lk, heads, d]``; returns ``[B, Lq, heads, d]``.
+    ``q`` is ``[B, Lq, heads, d]`` (an ``Fp8Query`` where ``takes_fp8_query``), ``k``/``v`` are
+    ``[B, Lk, heads, d]``; returns ``[B, Lq, heads, d]`` in ``v``'s dtype.
     ``backend`` is a LightX2V attention type (``self_attn_1_type`` ...); see ``kernel``.
     """
     fn = None if backend == TORCH_SDPA or backend in failed_types else kernel(backend)
     out = _run(backend, fn, q, k, v)
     if out is None:
-        return sdpa(q, k, v)
+        return sdpa(q.dequantize(v.dtype) if isinstance(q, Fp8Query) else q, k, v)
     return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)
 
 
-def attention_fp8_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def attention_fp8_output(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor,
                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """``attention(q, k, v, backend)`` as fp8 values ``[B, Lq, heads, d]``, their one float32 scale and a float32
     offset ``[B, 1, heads, d]`` shared by all query rows (attention = values * scale + offset), for an fp8 matmul
@@ -98,10 +120,15 @@ def attention_fp8_output(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _run(backend, getattr(sys.modules[module], function), q, k, v)
 
 
-def _run(backend: str, fn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+def kernel_takes(v: torch.Tensor) -> bool:
+    """Whether the optional kernels run for attention with these values (their device and dtype)."""
+    return v.device.type in KERNEL_DEVICES and v.dtype in HALF_DTYPES
+
+
+def _run(backend: str, fn, q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor):
     """``fn(q, k, v)``, or None where it cannot run: no kernel, inputs it cannot take (CPU, float32), or a failure
     (said once; torch SDPA gives the same function)."""
-    if fn is None or q.device.type not in KERNEL_DEVICES or q.dtype not in HALF_DTYPES:
+    if fn is None or not kernel_takes(v):
         return None
     try:
         return fn(q, k, v)

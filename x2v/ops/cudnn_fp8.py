@@ -9,7 +9,8 @@ quantizes P = exp(S - max) itself, scaled by 448 (its values are in [0, 1]). On 
 fp8 too (a 16-bit output from fp8 attention needs Blackwell): |O| <= max |V|, and the output scale puts max |V| at
 half of fp8's range; x2v then converts it to the input's dtype, adding V's mean, or hands it as it is to an fp8
 output projection, which adds the projected mean to its bias (``cudnn_fp8_attention_fp8_output``). The price is
-fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O.
+fp8's 3 mantissa bits on Q, K, V, P and (on Hopper) O. In the DiT, Q comes already in fp8 from its RMS norm
+(an ``Fp8Query``, ``x2v.ops.norms.rms_norm_rope_fp8``), its scale bounded by the norm's gain: no pass over Q.
 
 Needs NVIDIA's Python frontend for cuDNN (``pip install nvidia-cudnn-frontend``); the cuDNN library itself comes
 with CUDA builds of PyTorch. One cuDNN graph per shape and device, built on first use (about a second).
@@ -25,6 +26,7 @@ import cudnn
 import torch
 
 from x2v.formats.quant import QMAX, QUANT_DTYPES
+from x2v.ops.attention import Fp8Query
 from x2v.ops.fused import fused_on_gpu
 
 FP8 = QUANT_DTYPES["fp8"]
@@ -42,10 +44,15 @@ def quantize(x: torch.Tensor, center: bool) -> tuple[torch.Tensor, torch.Tensor,
     ignore) -> fp8 e4m3 of the same shape, its one scale as the [1, 1, 1, 1] float32 tensor cuDNN takes, and the
     mean [B, 1, H, D] or None (x ~ x8 * scale + mean)."""
     x = x.float()
-    mean = x.mean(1, keepdim=True) if center else None
     if center:
+        # max |x - mean| per channel is the larger of max - mean and mean - min: the three are reductions over the
+        # tokens of the same shape, one pass over x, and the values the same as those of x - mean's own pass
+        mean = x.mean(1, keepdim=True)
+        amax = torch.maximum(x.amax(1, keepdim=True) - mean, mean - x.amin(1, keepdim=True)).amax()
         x = x - mean
-    scale = (x.abs().amax().clamp_min(1e-30) / FP8_MAX).reshape(1, 1, 1, 1)  # all zeros quantize to zeros, not NaN
+    else:
+        mean, amax = None, x.abs().amax()
+    scale = (amax.clamp_min(1e-30) / FP8_MAX).reshape(1, 1, 1, 1)  # all zeros quantize to zeros, not NaN
     return (x / scale).to(FP8), scale, mean
 
 
@@ -142,19 +149,19 @@ def restore(out: torch.Tensor, scale: torch.Tensor | None, mean: torch.Tensor, d
     return (out + mean).to(dtype)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
-                                                                       torch.Tensor]:
+def attend(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                  torch.Tensor]:
     """cuDNN's output of the centered V; where it is fp8 (Hopper), the scale that turns it back; V's mean
     (attention = out * scale + mean)."""
-    card = capability(q.device)
+    card = capability(v.device)
     if card < FP8_ATTENTION_CAPABILITY:
         raise RuntimeError(f"cuDNN's fp8 attention needs a Hopper or newer GPU (compute capability 9.0); this one "
                            f"is {'.'.join(map(str, card))}: use sage_triton there")
-    (q8, q_scale, _), (k8, k_scale, _), (v8, v_scale, v_mean) = (quantize(x, center) for x, center in
-                                                                  ((q, False), (k, True), (v, True)))
+    q8, q_scale = q if isinstance(q, Fp8Query) else quantize(q, False)[:2]
+    (k8, k_scale, _), (v8, v_scale, v_mean) = quantize(k, True), quantize(v, True)
     half_output = card >= HALF_OUTPUT_CAPABILITY
-    out = torch.empty(q.shape, dtype=q.dtype if half_output else FP8, device=q.device)
-    data = dict(constants(q.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
+    out = torch.empty(q8.shape, dtype=v.dtype if half_output else FP8, device=v.device)
+    data = dict(constants(v.device), q=q8, k=k8, v=v8, o=out, descale_q=q_scale, descale_k=k_scale, descale_v=v_scale)
     o_descale = None
     if not half_output:
         data["scale_o"], o_descale = output_scales(v_scale)
@@ -164,20 +171,20 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Ten
 
 # Inside compiled blocks (use_compile) these run as they are, between two graphs, like sage_triton.
 @torch.compiler.disable
-def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention in fp8: ``q`` [B, Lq, H, D], ``k``/``v`` [B, Lk, H, D] -> [B, Lq, H, D] in ``q``'s dtype
-    (scale 1/sqrt(D), no mask)."""
-    return restore(*attend(q, k, v), q.dtype)
+def cudnn_fp8_attention(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention in fp8: ``q`` [B, Lq, H, D] (or already in fp8: an ``Fp8Query``), ``k``/``v``
+    [B, Lk, H, D] -> [B, Lq, H, D] in ``v``'s dtype (scale 1/sqrt(D), no mask)."""
+    return restore(*attend(q, k, v), v.dtype)
 
 
 @torch.compiler.disable
-def cudnn_fp8_attention_fp8_output(q: torch.Tensor, k: torch.Tensor,
+def cudnn_fp8_attention_fp8_output(q: torch.Tensor | Fp8Query, k: torch.Tensor,
                                    v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """The same attention as cuDNN writes it on Hopper, for an fp8 matmul to take as it is (no conversion to 16
     bits and back): fp8 values [B, Lq, H, D], their one scale [1, 1, 1, 1] and the offset [B, 1, H, D] shared by
     all query rows (attention = values * scale + offset); None on cards where cuDNN writes 16 bits (Blackwell),
     before any work."""
-    if capability(q.device) >= HALF_OUTPUT_CAPABILITY:
+    if capability(v.device) >= HALF_OUTPUT_CAPABILITY:
         return None
     return attend(q, k, v)
 

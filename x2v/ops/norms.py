@@ -8,11 +8,16 @@ rounded once, to the dtype the next layer computes in.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from x2v.formats.quant import QMAX, QUANT_DTYPES
 from x2v.ops.fused import fused_on_gpu
 from x2v.ops.rope import apply_rope
+
+FP8, FP8_MAX = QUANT_DTYPES["fp8"], QMAX["fp8"]
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -60,11 +65,36 @@ def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, shift: torch.Tenso
     return x, modulate(x, shift, scale, eps).to(out_dtype)
 
 
+def rms_norm_rope_float(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
+                        rope: torch.Tensor | None) -> torch.Tensor:
+    """RMS norm over the whole feature vector ``[B, L, dim]`` (across heads), split into ``[B, L, heads, d]``,
+    rotated by ``rope`` when given; float32."""
+    # rms_norm computes in float32 and rounds to x's dtype, as the official code does before its gain.
+    out = (F.rms_norm(x, (x.shape[-1],), eps=eps) * weight).unflatten(-1, (heads, -1))
+    return out if rope is None else apply_rope(out, rope)
+
+
 @fused_on_gpu(row_kernel=True)
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int, rope: torch.Tensor | None,
                   out_dtype: torch.dtype) -> torch.Tensor:
-    """RMS norm over the whole feature vector ``[B, L, dim]`` (across heads), split into ``[B, L, heads, d]``,
-    rotated by ``rope`` when given, rounded to ``out_dtype``."""
-    # rms_norm computes in float32 and rounds to x's dtype, as the official code does before its gain.
-    out = (F.rms_norm(x, (x.shape[-1],), eps=eps) * weight).unflatten(-1, (heads, -1))
-    return (out if rope is None else apply_rope(out, rope)).to(out_dtype)
+    """``rms_norm_rope_float`` rounded to ``out_dtype``."""
+    return rms_norm_rope_float(x, weight, eps, heads, rope).to(out_dtype)
+
+
+def fp8_scale_factor(width: int) -> float:
+    """What max |weight| is multiplied by for ``rms_norm_rope_fp8``'s scale: RMS-normalised values have a mean
+    square of 1, so no value, and no channel pair's length (which a rotation keeps), exceeds sqrt(width); a
+    margin covers their rounding to 16 bits and RoPE's float32 tables."""
+    return math.sqrt(width) * (1 + 2 ** -6) / FP8_MAX
+
+
+@fused_on_gpu(row_kernel=True)
+def rms_norm_rope_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
+                      rope: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm_rope_float`` in fp8 e4m3 with one scale ``[1, 1, 1, 1]`` for the whole tensor (values * scale),
+    known before the values: max |weight| * ``fp8_scale_factor(dim)`` bounds them. An attention's Q goes straight
+    to fp8 this way (``cudnn_fp8``): no pass over Q to find its largest value, no 16-bit Q written. fp8 e4m3 is a
+    floating-point type, so a scale above the largest value costs no precision, only range at the bottom."""
+    scale = (weight.abs().amax().float() * fp8_scale_factor(x.shape[-1])).clamp_min(1e-30).reshape(1, 1, 1, 1)
+    values = rms_norm_rope_float(x, weight, eps, heads, rope) / scale
+    return values.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale

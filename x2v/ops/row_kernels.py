@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 
 from x2v.formats.quant import QMAX, QUANT_DTYPES
+from x2v.ops.norms import FP8, fp8_scale_factor
 
 MAX_WIDTH = 16384  # widest row held in registers (Wan's widest: the 14B feed-forward's 13,824)
+FP8_MAX = tl.constexpr(QMAX["fp8"])
 GELU_C = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi), tanh-GELU's constant
 # 1.5 * 2**23: (v + M) - M rounds a float32 |v| < 2**22 to the nearest integer, ties to even (as torch.round)
 ROUND_MAGIC = tl.constexpr(12582912.0)
@@ -115,26 +117,36 @@ def gated_residual_layer_norm(x, y, gate, weight, bias, eps, out_dtype):
 
 
 @triton.jit
-def _rms_norm_rope_kernel(X, Weight, Rope, Out, width, tokens, eps, HEAD_DIM: tl.constexpr,
-                          HAS_ROPE: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_rope_kernel(X, Weight, Rope, Out, Scale, width, tokens, eps, scale_factor, HEAD_DIM: tl.constexpr,
+                          HAS_ROPE: tl.constexpr, FP8_SCALED: tl.constexpr, BLOCK: tl.constexpr):
     """One row: RMS norm over the whole row in float32, rounded to X's dtype, times the float32 weight; then each
-    channel pair (2j, 2j+1) rotated by its token's (cos, sin); stored in Out's dtype."""
+    channel pair (2j, 2j+1) rotated by its token's (cos, sin); stored in Out's dtype. ``FP8_SCALED``: divided by
+    the scale max |weight| * scale_factor first, which every program finds alike and the first stores."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
+    if FP8_SCALED:  # first: stored after the row's work, the scale took twice the registers (Triton 3.9, sm_90)
+        scale = tl.maximum(tl.max(tl.abs(tl.load(Weight + cols, mask=mask, other=0.0)), 0) * scale_factor, 1e-30)
+        if row == 0:
+            tl.store(Scale, scale)
     x = tl.load(X + row * width + cols, mask=mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / width + eps)
-    normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32) * tl.load(Weight + cols, mask=mask, other=0.0)
+    weight = tl.load(Weight + cols, mask=mask, other=0.0)
+    normed = (x * rstd).to(X.dtype.element_ty).to(tl.float32) * weight
     if HAS_ROPE:
         real, imag = tl.split(tl.reshape(normed, (BLOCK // 2, 2)))
         # The token's table [head_dim / 2, (cos, sin)], the same in every head: channel c reads entry c % head_dim.
         table = tl.load(Rope + (row % tokens) * HEAD_DIM + cols % HEAD_DIM, mask=mask, other=0.0)
         cos, sin = tl.split(tl.reshape(table, (BLOCK // 2, 2)))
         normed = tl.reshape(tl.join(real * cos - imag * sin, real * sin + imag * cos), (BLOCK,))
+    if FP8_SCALED:
+        normed = tl.minimum(tl.maximum(tl.math.div_rn(normed, scale), -FP8_MAX), FP8_MAX)
     tl.store(Out + row * width + cols, normed.to(Out.dtype.element_ty), mask=mask)
 
 
-def rms_norm_rope(x, weight, eps, heads, rope, out_dtype):
+def _rms_norm_rope(x, weight, eps, heads, rope, out_dtype, scale=None, scale_factor=0.0):
+    """The launch behind both RMS norm functions (``scale``: the fp8 one's output scale); the output
+    ``[B, L, heads, d]``, or None for inputs it does not take."""
     if x.dim() != 3 or not _takes(x) or weight.dtype != torch.float32 or not weight.is_contiguous():
         return None
     batch, tokens, width = x.shape
@@ -146,10 +158,21 @@ def rms_norm_rope(x, weight, eps, heads, rope, out_dtype):
         return None
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     block, warps = _launch(width)
-    _rms_norm_rope_kernel[(batch * tokens,)](x, weight, rope if rope is not None else weight, out, width, tokens, eps,
-                                             HEAD_DIM=head_dim, HAS_ROPE=rope is not None, BLOCK=block,
-                                             num_warps=warps)
+    _rms_norm_rope_kernel[(batch * tokens,)](
+        x, weight, rope if rope is not None else weight, out, scale if scale is not None else weight, width, tokens,
+        eps, scale_factor, HEAD_DIM=head_dim, HAS_ROPE=rope is not None, FP8_SCALED=scale is not None, BLOCK=block,
+        num_warps=warps)
     return out.view(batch, tokens, heads, head_dim)
+
+
+def rms_norm_rope(x, weight, eps, heads, rope, out_dtype):
+    return _rms_norm_rope(x, weight, eps, heads, rope, out_dtype)
+
+
+def rms_norm_rope_fp8(x, weight, eps, heads, rope):
+    scale = torch.empty(1, 1, 1, 1, dtype=torch.float32, device=x.device)
+    out = _rms_norm_rope(x, weight, eps, heads, rope, FP8, scale, fp8_scale_factor(x.shape[-1]))
+    return None if out is None else (out, scale)
 
 
 @triton.jit
