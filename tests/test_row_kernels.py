@@ -123,7 +123,8 @@ def test_rms_norm_rope_fp8_equals_its_definition_and_its_scale_holds_any_row(wit
     rope = rope_rotations((1, 3, 4), WIDTH // HEADS, x.device) if with_rope else None
     (values, scale), (want_values, want_scale) = (fn(x, weight, 1e-6, HEADS, rope) for fn in (
         rows.rms_norm_rope_fp8, norms.rms_norm_rope_fp8.__wrapped__))
-    assert values.dtype == want_values.dtype == torch.float8_e4m3fn and values.shape == (2, TOKENS, HEADS, WIDTH // HEADS)
+    assert values.dtype == want_values.dtype == torch.float8_e4m3fn
+    assert values.shape == (2, TOKENS, HEADS, WIDTH // HEADS)
     assert scale.shape == (1, 1, 1, 1) and scale.item() == want_scale.item()
     within_steps(values, want_values, values.dtype, slack=rotated_rounding(want_values) if with_rope else 0.0)
     exact = norms.rms_norm_rope_float(x, weight, 1e-6, HEADS, rope)
