@@ -139,14 +139,14 @@ def check_8bit_kernels(model: Path, gpu: str) -> list[str]:
 def check_row_kernels(gpu: str) -> list[str]:
     """x2v's one-pass row kernels at a 14B width against the functions they implement, run op by op on the card:
     both round to nearest, so 16- and 8-bit results differ only where float32 sums round differently."""
-    from row_kernel_speed import cases, definition_and_kernel
+    from row_kernel_speed import cases, definition_and_kernel, tensors_of
 
     failures = []
     for label, fused, args in cases(gpu, tokens=3328):  # a 480P latent frame's rows (2 x 32 x 52)
         definition, kernel = definition_and_kernel(fused)
         with torch.no_grad():
             got, want = kernel(*args), definition(*args)
-        pairs = list(zip(got, want)) if isinstance(got, tuple) else [(got, want)]
+        pairs = list(zip(tensors_of(got), tensors_of(want)))
         bound = 1e-2 if any(a.dtype.itemsize == 1 for a, _ in pairs) else 2e-3  # 8-bit outputs
         rel = max(relative_l2(a.float(), b.float()) for a, b in pairs)
         failures += verdict(rel <= bound, f"row kernel {label}: rel. L2 to its definition {rel:.1e} (bound {bound})",

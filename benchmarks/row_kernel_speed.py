@@ -47,6 +47,11 @@ def cases(device: str, tokens: int = 32760, width: int = 5120, ffn_width: int = 
     return [("modulated_norm", norms.modulated_norm, (x, shift, scale, 1e-6, bf16)),
             ("residual_modulated_norm", norms.residual_modulated_norm, (x, y, shift, scale, 1e-6, bf16)),
             ("gated_residual_layer_norm", norms.gated_residual_layer_norm, (x, y, gate, weight, bias, 1e-6, bf16)),
+            # with fp8 layers after them: quantized per row in the same pass
+            ("modulated_norm fp8", norms.modulated_norm, (x, shift, scale, 1e-6, bf16, "fp8")),
+            ("residual_modulated_norm fp8", norms.residual_modulated_norm, (x, y, shift, scale, 1e-6, bf16, "fp8")),
+            ("gated_residual_layer_norm fp8", norms.gated_residual_layer_norm,
+             (x, y, gate, weight, bias, 1e-6, bf16, "fp8")),
             ("rms_norm_rope", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, rope, bf16)),
             ("rms_norm", norms.rms_norm_rope, (y, weight.abs(), 1e-6, heads, None, bf16)),
             ("rms_norm_rope_fp8", norms.rms_norm_rope_fp8, (y, weight.abs(), 1e-6, heads, rope)),  # cudnn_fp8's Q
@@ -60,9 +65,14 @@ def definition_and_kernel(fused) -> tuple[object, object]:
     return fused.__wrapped__, getattr(row_kernels, fused.__name__)
 
 
+def tensors_of(out) -> list[torch.Tensor]:
+    """A function's output tensors, nested tuples flattened."""
+    return [t for o in out for t in tensors_of(o)] if isinstance(out, tuple) else [out]
+
+
 def moved_bytes(args: tuple, out) -> int:
     """Bytes a one-pass kernel must move: the activation-sized inputs read once, the outputs written once."""
-    outputs = out if isinstance(out, tuple) else (out,)
+    outputs = tensors_of(out)
     rows = args[0].numel() // args[0].shape[-1]
     big = [a for a in args if isinstance(a, torch.Tensor) and a.numel() >= rows]
     return sum(t.numel() * t.element_size() for t in (*big, *outputs) if t.numel() >= rows)

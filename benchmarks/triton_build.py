@@ -97,15 +97,20 @@ ROW_TYPES = dict(X="*fp32", Y="*bf16", Gate="*fp32", Weight="*fp32", Bias="*fp32
                  weight_stride="i32/16", bias_stride="i32/16", Rope="*fp32", tokens="i32", Values="*fp8e4nv",
                  Scales="*fp32", Scale="*fp32", scale_factor="fp32")
 FP8_OUT = dict(Out="*fp8e4nv")
+NORM = dict(QUANT=False, ROUND_FP16=False, QMAX_=448.0, INT8=False)  # the LayerNorms' 16-bit output
+NORM_FP8 = dict(NORM, QUANT=True)  # ... quantized per row for fp8 layers
 # (kernel, its constants, row width, operand types other than ROW_TYPES')
-ROW_VARIANTS = [(rows._layer_norm_kernel, dict(HAS_Y=False, HAS_GATE=False, ONE_PLUS=True), 5120, {}),  # modulated
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=False, ONE_PLUS=True), 5120, {}),  # + residual
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 5120, {}),  # norm3
+ROW_VARIANTS = [(rows._layer_norm_kernel, dict(HAS_Y=False, HAS_GATE=False, ONE_PLUS=True, **NORM), 5120, {}),
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=False, ONE_PLUS=True, **NORM), 5120, {}),
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False, **NORM), 5120, {}),
+                (rows._layer_norm_kernel, dict(HAS_Y=False, HAS_GATE=False, ONE_PLUS=True, **NORM_FP8), 5120, FP8_OUT),
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=False, ONE_PLUS=True, **NORM_FP8), 5120, FP8_OUT),
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False, **NORM_FP8), 5120, FP8_OUT),
                 (rows._rms_norm_rope_kernel, dict(HEAD_DIM=128, HAS_ROPE=True, FP8_SCALED=False), 5120, {}),
                 (rows._rms_norm_rope_kernel, dict(HEAD_DIM=128, HAS_ROPE=True, FP8_SCALED=True), 5120, FP8_OUT),  # Q
                 (rows._quantize_kernel, dict(QMAX_=448.0, GELU=False, INT8=False), 5120, {}),
                 (rows._quantize_kernel, dict(QMAX_=448.0, GELU=True, INT8=False), 13824, {}),  # the 14B feed-forward
-                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False), 1536, {})]  # 1.3B
+                (rows._layer_norm_kernel, dict(HAS_Y=True, HAS_GATE=True, ONE_PLUS=False, **NORM), 1536, {})]  # 1.3B
 
 
 def build_row_kernel(arch: int, fn, constants: dict, width: int, types_here: dict) -> dict:

@@ -210,17 +210,22 @@ def test_quantize_at_load_equals_the_release_recipe(tiny_i2v, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_shared_activation_quantization_changes_no_number(tiny_i2v, kind, monkeypatch):
-    """With 8-bit kernels, q, k and v quantize their common input once and the feed-forward's GELU goes into the
-    second layer's input quantization: bit for bit what each layer on its own computes (``unfused()``)."""
-    from x2v.ops import quant_linear
+    """With 8-bit kernels, q, k and v quantize their common input once, and the block's three norms quantize
+    their output for the 8-bit layers after them in their own pass (q/k/v, the cross-attention's q, the
+    feed-forward's first layer); the feed-forward's GELU goes into the second layer's input quantization: bit for
+    bit what each layer on its own computes (``unfused()``)."""
+    from x2v.ops import norms, quant_linear
     from x2v.ops.fused import unfused
 
     _, directory, _, inputs = tiny_i2v
     model = load_dit(directory, dit_quantized=True, quant_scheme=f"{kind}-vllm")
     set_quant_mode(model, "w8a8")
-    calls = []
-    real = quant_linear.quantize_activations
-    monkeypatch.setattr(quant_linear, "quantize_activations", lambda *a: calls.append(a[2:]) or real(*a))
+    calls = []  # (where, gelu) of every per-row quantization
+    for module, where in ((quant_linear, "layer"), (norms, "norm")):
+        real = module.row_quantized
+        monkeypatch.setattr(module, "row_quantized",
+                            lambda x, k, gelu=False, _real=real, _where=where: calls.append((_where, gelu))
+                            or _real(x, k, gelu))
     got = forward(model, inputs)
     shared_calls, calls[:] = list(calls), []
     with unfused():
@@ -229,7 +234,8 @@ def test_shared_activation_quantization_changes_no_number(tiny_i2v, kind, monkey
     blocks = len(model.blocks)
     # Per block and forward: q/k/v once instead of three times, fc2 with the GELU instead of after it.
     assert len(calls) - len(shared_calls) == 2 * blocks
-    assert shared_calls.count((True,)) == blocks and (True,) not in calls
+    assert shared_calls.count(("layer", True)) == blocks and ("layer", True) not in calls
+    assert shared_calls.count(("norm", False)) == 3 * blocks and ("norm", False) not in calls
 
 
 @pytest.mark.parametrize("release", ["Wan2.1-T2V-14B", "Wan2.2-I2V-A14B"])

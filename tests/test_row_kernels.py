@@ -36,11 +36,14 @@ def within_steps(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, step
     the interpreter's half of a power of two), plus ``slack``."""
     got, want = got.float(), want.float()
     finfo = torch.finfo(dtype)
-    spacing = torch.exp2(torch.floor(torch.log2(torch.maximum(got.abs(), want.abs()).clamp_min(finfo.tiny))))
-    allowed = steps * finfo.eps * spacing + finfo.smallest_normal * finfo.eps + slack
-    ok = (got - want).abs() <= allowed
-    if dtype.itemsize == 1:
-        ok |= (2 * got == want) & (torch.frexp(want).mantissa.abs() == 0.5)
+
+    def close(value: torch.Tensor) -> torch.Tensor:
+        spacing = torch.exp2(torch.floor(torch.log2(torch.maximum(value.abs(), want.abs()).clamp_min(finfo.tiny))))
+        return (value - want).abs() <= steps * finfo.eps * spacing + finfo.smallest_normal * finfo.eps + slack
+
+    ok = close(got)
+    if dtype.itemsize == 1:  # a power of two that came out halved
+        ok |= (torch.frexp(got).mantissa.abs() == 0.5) & close(2 * got)
     assert ok.all(), (got - want).abs().max()
 
 
@@ -61,25 +64,45 @@ LAYOUTS = [(1, False), (2, False), (2, True)]  # (batch, per-token modulation): 
 
 
 @pytest.mark.parametrize("batch, per_token", LAYOUTS)
-@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype):
+@pytest.mark.parametrize("out_dtype, quant", [(torch.float32, None), (torch.bfloat16, None),
+                                              (torch.bfloat16, "fp8"), (torch.bfloat16, "int8")])
+def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype, quant):
     x, y = stream(batch)
     shift, scale, gate = modulation(batch, per_token)
     g = torch.Generator().manual_seed(2)
     weight, bias = torch.randn(WIDTH, generator=g), torch.randn(WIDTH, generator=g)
-    cases = [("modulated_norm", (x, shift, scale, 1e-6, out_dtype)),
-             ("residual_modulated_norm", (x, y, shift, scale, 1e-6, out_dtype)),
-             ("gated_residual_layer_norm", (x, y, gate, weight, bias, 1e-6, out_dtype))]
+    cases = [("modulated_norm", (x, shift, scale, 1e-6, out_dtype, quant)),
+             ("residual_modulated_norm", (x, y, shift, scale, 1e-6, out_dtype, quant)),
+             ("gated_residual_layer_norm", (x, y, gate, weight, bias, 1e-6, out_dtype, quant))]
     for name, args in cases:
         got, want = getattr(rows, name)(*args), getattr(norms, name).__wrapped__(*args)
         if name != "modulated_norm":  # (x', norm): the stream is float32 arithmetic, equal to rounding
             torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
             got, want = got[1], want[1]
+        if quant is not None:  # per-row 8-bit values and scales for the next layer, as quantize_activations'
+            within_quantization(got, want, rows_of_bf16=True)
+            assert got[0].shape == (batch * TOKENS, WIDTH)
+            continue
         assert got.dtype == out_dtype and got.shape == x.shape
         if out_dtype == torch.float32:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         else:
             within_steps(got, want, out_dtype)
+
+
+def within_quantization(got: tuple, want: tuple, rows_of_bf16: bool) -> None:
+    """Per-row 8-bit ``(values, scales)`` against the definition's. Rows rounded to bf16 first (truncated here)
+    may have their largest value, hence scale, one bf16 step apart, and values one int8 step / two fp8 steps."""
+    (values, scale), (want_values, want_scale) = got, want
+    assert values.dtype == want_values.dtype and values.shape == want_values.shape
+    assert scale.shape == want_scale.shape == (values.shape[0], 1)
+    torch.testing.assert_close(scale, want_scale, rtol=torch.finfo(torch.bfloat16).eps if rows_of_bf16 else 1e-6,
+                               atol=0)
+    if values.dtype == torch.int8:  # round to nearest, ties to even, as torch.round
+        assert (values.int() - want_values.int()).abs().max() <= (1 if rows_of_bf16 else 0)
+    else:
+        within_steps(values, want_values.float(), want_values.dtype, steps=2 if rows_of_bf16 else 1)
+    assert not torch.isnan(values.float()).any()
 
 
 @pytest.mark.parametrize("with_rope", [True, False])
@@ -139,16 +162,9 @@ def test_rms_norm_rope_fp8_equals_its_definition_and_its_scale_holds_any_row(wit
 def test_activation_quantization_equals_its_definition(kind, gelu):
     x = (2 * torch.randn(20, 200, generator=torch.Generator().manual_seed(4))).bfloat16()
     x[3] = 0  # an all-zero row quantizes to zeros with the floor scale, not NaN
-    (values, scale), (want_values, want_scale) = rows.quantize_activations(x, kind, gelu), \
-        quant_linear.quantize_activations.__wrapped__(x, kind, gelu)
-    assert values.dtype == want_values.dtype and scale.shape == want_scale.shape == (20, 1)
-    # with GELU the row maxima are of its 16-bit output (truncated here): within one bf16 step
-    torch.testing.assert_close(scale, want_scale, rtol=torch.finfo(torch.bfloat16).eps if gelu else 1e-6, atol=0)
-    if kind == "int8":  # round to nearest, ties to even, as torch.round
-        assert (values.int() - want_values.int()).abs().max() <= (1 if gelu else 0)
-    else:
-        within_steps(values, want_values.float(), want_values.dtype, steps=2 if gelu else 1)
-    assert not torch.isnan(values.float()).any() and (values[3].float() == 0).all()
+    got = rows.quantize_activations(x, kind, gelu)
+    within_quantization(got, quant_linear.row_quantized(x, kind, gelu), rows_of_bf16=gelu)  # GELU's 16-bit output
+    assert got[0].shape == (20, 200) and (got[0][3].float() == 0).all()
 
 
 def test_layouts_the_kernels_do_not_take_run_the_definition():
@@ -259,6 +275,8 @@ def test_row_kernels_build_for_hopper_vectorized_without_spills(tmp_path):
     for build in builds:
         assert build["spill_bytes"] == 0, build
         assert build["loads"] == [["v4", "32"]], build
-        # the quantization's row scales, the fp8 RMS norm's one scale
-        scalar_stores = 1 if build["kernel"] == "_quantize_kernel" or build["constants"].get("FP8_SCALED") else 0
+        # the quantizations' row scales, the fp8 RMS norm's one scale
+        constants = build["constants"]
+        scalar_stores = int(build["kernel"] == "_quantize_kernel" or any(constants.get(c) for c in ("FP8_SCALED",
+                                                                                                     "QUANT")))
         assert ["v4", "32"] in build["stores"] and len(build["stores"]) == 1 + scalar_stores, build

@@ -20,7 +20,8 @@ from x2v.ops.attention import (FP8_OUTPUT, TORCH_SDPA, Fp8Query, attention, atte
 from x2v.ops.fused import linear_gelu
 from x2v.ops.norms import (FP8, gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope, rms_norm_rope_fp8)
-from x2v.ops.quant_linear import QuantLinear, fp8_input, input_dtype, quantize_input, shares_quantized_input
+from x2v.ops.quant_linear import (QuantizedInput, QuantLinear, fp8_input, input_dtype, quantize_input,
+                                  quantized_input, shares_quantized_input)
 from x2v.ops.rope import rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
@@ -82,14 +83,31 @@ class AffineLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim))
         self.bias = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype):
-        """The residual add ``x + branch * gate`` and its norm in ``out_dtype``, in one pass: ``(x', norm)``."""
-        return gated_residual_layer_norm(x, branch, gate, self.weight, self.bias, self.eps, out_dtype)
+    def forward(self, x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype,
+                quant: str | None = None):
+        """The residual add ``x + branch * gate`` and its norm for the next layer (see ``norm_output``), in one
+        pass: ``(x', norm)``."""
+        return gated_residual_layer_norm(x, branch, gate, self.weight, self.bias, self.eps, out_dtype, quant)
 
 
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` in its compute dtype (the official code does this with autocast)."""
+def linear(layer: nn.Module, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
+    """Run ``layer`` in its compute dtype (the official code does this with autocast); an input already quantized
+    for its 8-bit matmul (once for several layers, or by the norm before them) goes to that as it is."""
+    if isinstance(x, QuantizedInput):
+        return layer.run_quantized(x)
     return layer(x.to(input_dtype(layer)))
+
+
+def norm_output(layers: tuple[nn.Module, ...], x: torch.Tensor) -> tuple[torch.dtype, str | None]:
+    """What a norm of the stream ``x`` writes for ``layers``, which all read its result: their compute dtype, and
+    their 8-bit kind where they can share one quantized input: the norm's pass then quantizes it too (its 16-bit
+    result is never written and read back)."""
+    return input_dtype(layers[0]), (layers[0].kind if shares_quantized_input(layers, x) else None)
+
+
+def layer_input(h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], shape: torch.Size):
+    """A norm's result as the next layers take it: 16-bit, or quantized (values, scales) rows."""
+    return h if isinstance(h, torch.Tensor) else quantized_input(*h, shape)
 
 
 class SelfAttention(nn.Module):
@@ -101,19 +119,20 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = x.to(input_dtype(self.q))  # once for q, k and v
-        # 8-bit layers: x quantized once for all three.
-        shared = quantize_input(x, self.q.kind) if shares_quantized_input((self.q, self.k, self.v), x) else None
+    @property
+    def qkv(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        return self.q, self.k, self.v
 
-        def project(layer: nn.Module) -> torch.Tensor:
-            return layer(x) if shared is None else layer.run_quantized(shared)
-
-        v = project(self.v).unflatten(-1, (self.num_heads, -1))
+    def forward(self, x: torch.Tensor | QuantizedInput, rope: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor):
+            x = x.to(input_dtype(self.q))  # once for q, k and v
+            if shares_quantized_input(self.qkv, x):  # 8-bit layers: x quantized once for all three
+                x = quantize_input(x, self.q.kind)
+        v = linear(self.v, x).unflatten(-1, (self.num_heads, -1))
         # An attention kernel that quantizes Q to fp8 with one scale (cudnn_fp8) gets it so from the norm.
-        q = self.norm_q(project(self.q), self.num_heads, FP8 if takes_fp8_query(self.backend, v) else v.dtype, rope)
-        k = self.norm_k(project(self.k), self.num_heads, v.dtype, rope)
-        if self.backend in FP8_OUTPUT and shares_quantized_input((self.o,), x) and self.o.kind == "fp8":
+        q = self.norm_q(linear(self.q, x), self.num_heads, FP8 if takes_fp8_query(self.backend, v) else v.dtype, rope)
+        k = self.norm_k(linear(self.k, x), self.num_heads, v.dtype, rope)
+        if self.backend in FP8_OUTPUT and shares_quantized_input((self.o,), v) and self.o.kind == "fp8":
             # An attention kernel that writes fp8 (cudnn_fp8 on Hopper) hands its output to the fp8 o-projection
             # as it is: no conversion to 16 bits and quantization back.
             out8 = attention_fp8_output(q, k, v, self.backend)
@@ -156,17 +175,16 @@ class FeedForward(nn.Sequential):
     def __init__(self, dim: int, ffn_dim: int):
         super().__init__(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedInput) -> torch.Tensor:
         # self[1] is the GELU that the fused paths apply: in the first matmul's epilogue (16-bit layers on GPUs)
         # or in the second layer's input quantization (8-bit layers).
         fc1, _, fc2 = self
-        x = x.to(input_dtype(fc1))
-        if isinstance(fc2, QuantLinear):
-            hidden = fc1(x)
+        if isinstance(x, QuantizedInput) or isinstance(fc2, QuantLinear):
+            hidden = linear(fc1, x)
             if shares_quantized_input((fc2,), hidden):
                 return fc2.run_quantized(quantize_input(hidden, fc2.kind, gelu=True))
-            return fc2(F.gelu(hidden, approximate="tanh"))
-        return linear(fc2, linear_gelu(fc1, x))
+            return linear(fc2, F.gelu(hidden, approximate="tanh"))
+        return linear(fc2, linear_gelu(fc1, x.to(input_dtype(fc1))))
 
 
 class WanBlock(nn.Module):
@@ -184,12 +202,13 @@ class WanBlock(nn.Module):
         # Each norm writes its output in the dtype of the linear layer that reads it, and takes in the residual
         # add before it (one pass over the float32 stream).
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
-        h = modulated_norm(x, shift_sa, scale_sa, self.eps, input_dtype(self.self_attn.q))
+        h = modulated_norm(x, shift_sa, scale_sa, self.eps, *norm_output(self.self_attn.qkv, x))
         # norm3 runs as a module call (not a function of its tensors), so offload hooks bring its weights in
-        x, h = self.norm3(x, self.self_attn(h, rope), gate_sa, input_dtype(self.cross_attn.q))
-        x, h = residual_modulated_norm(x, self.cross_attn(h, text, image), shift_ff, scale_ff, self.eps,
-                                       input_dtype(self.ffn[0]))
-        return gated_residual(x, self.ffn(h), gate_ff)
+        x, h = self.norm3(x, self.self_attn(layer_input(h, x.shape), rope), gate_sa,
+                          *norm_output((self.cross_attn.q,), x))
+        x, h = residual_modulated_norm(x, self.cross_attn(layer_input(h, x.shape), text, image), shift_ff, scale_ff,
+                                       self.eps, *norm_output((self.ffn[0],), x))
+        return gated_residual(x, self.ffn(layer_input(h, x.shape)), gate_ff)
 
 
 class VaceBlock(WanBlock):

@@ -3,7 +3,7 @@ dtype, the residual add before the norm) fused into one pass on GPUs.
 
 Precision as in the official code: the residual stream, statistics and affine terms in float32, the
 RMS-normalised values rounded to the input's dtype before their float32 gain, RoPE in float32; a norm's result is
-rounded once, to the dtype the next layer computes in.
+rounded once, to the dtype the next layer computes in (and, for 8-bit layers, quantized per row in the same pass).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from x2v.formats.quant import QMAX, QUANT_DTYPES
 from x2v.ops.fused import fused_on_gpu
+from x2v.ops.quant_linear import row_quantized
 from x2v.ops.rope import apply_rope
 
 FP8, FP8_MAX = QUANT_DTYPES["fp8"], QMAX["fp8"]
@@ -36,10 +37,18 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return torch.addcmul(shift, layer_norm(x, eps), 1 + scale)
 
 
+def for_next_layer(h: torch.Tensor, out_dtype: torch.dtype, quant: str | None):
+    """A norm's result in the dtype the next layer computes in; with ``quant`` (``int8`` / ``fp8``) that, quantized
+    per row for 8-bit matmuls: ``(values [rows, width], scales [rows, 1])``. Fused, the 16-bit rows are never
+    written and read back."""
+    h = h.to(out_dtype)
+    return h if quant is None else row_quantized(h.reshape(-1, h.shape[-1]), quant)
+
+
 @fused_on_gpu(row_kernel=True)
 def modulated_norm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   out_dtype: torch.dtype) -> torch.Tensor:
-    return modulate(x, shift, scale, eps).to(out_dtype)
+                   out_dtype: torch.dtype, quant: str | None = None):
+    return for_next_layer(modulate(x, shift, scale, eps), out_dtype, quant)
 
 
 @fused_on_gpu
@@ -51,18 +60,18 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
 
 @fused_on_gpu(row_kernel=True)
 def gated_residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
-                              bias: torch.Tensor, eps: float, out_dtype: torch.dtype):
-    """``(x', LayerNorm(x') in out_dtype)`` with ``x' = x + y * gate``: the stream is read once for both."""
+                              bias: torch.Tensor, eps: float, out_dtype: torch.dtype, quant: str | None = None):
+    """``(x', LayerNorm(x') for the next layer)`` with ``x' = x + y * gate``: the stream is read once for both."""
     x = torch.addcmul(x, y, gate)
-    return x, layer_norm(x, eps, weight, bias).to(out_dtype)
+    return x, for_next_layer(layer_norm(x, eps, weight, bias), out_dtype, quant)
 
 
 @fused_on_gpu(row_kernel=True)
 def residual_modulated_norm(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                            eps: float, out_dtype: torch.dtype):
+                            eps: float, out_dtype: torch.dtype, quant: str | None = None):
     """``(x', modulated_norm(x'))`` with ``x' = x + y``."""
     x = x + y
-    return x, modulate(x, shift, scale, eps).to(out_dtype)
+    return x, for_next_layer(modulate(x, shift, scale, eps), out_dtype, quant)
 
 
 def rms_norm_rope_float(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,

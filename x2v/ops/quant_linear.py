@@ -37,8 +37,7 @@ INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA wants more than 16 rows
 SCALED_MM_ADDS_BIAS: dict[str, bool] = {}
 
 
-@fused_on_gpu(row_kernel=True)
-def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def row_quantized(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row symmetric quantization of a 2-D activation (after tanh-GELU with ``gelu``): ``(x_q, scale [rows, 1]
     float32)``."""
     if gelu:
@@ -46,6 +45,12 @@ def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tupl
     scale = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / QMAX[kind]
     values = (x.float() / scale).clamp(-QMAX[kind], QMAX[kind])
     return (values.round() if kind == "int8" else values).to(QUANT_DTYPES[kind]), scale
+
+
+@fused_on_gpu(row_kernel=True)
+def quantize_activations(x: torch.Tensor, kind: str, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``row_quantized``, in one pass on GPUs."""
+    return row_quantized(x, kind, gelu)
 
 
 @dataclass
@@ -60,10 +65,16 @@ class QuantizedInput:
 def quantize_input(x: torch.Tensor, kind: str, gelu: bool = False) -> QuantizedInput:
     """``x`` [..., in] quantized for ``kind``'s matmul; ``gelu``: of tanh-GELU(x), in the same pass (the
     feed-forward's activation, which then never exists in 16 bits)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if kind == "int8" and rows.shape[0] < INT_MM_MIN_ROWS:
-        rows = F.pad(rows, (0, 0, 0, INT_MM_MIN_ROWS - rows.shape[0]))  # GELU(0) = 0: the padding stays zero
-    return QuantizedInput(*quantize_activations(rows, kind, gelu), x.shape)
+    return quantized_input(*quantize_activations(x.reshape(-1, x.shape[-1]), kind, gelu), x.shape)
+
+
+def quantized_input(values: torch.Tensor, scale: torch.Tensor, shape: torch.Size) -> QuantizedInput:
+    """Per-row quantized ``values`` [rows, in] and their ``scale`` [rows, 1] of an activation of ``shape``, as
+    the 8-bit matmuls take them: int8 padded with zero rows to INT_MM_MIN_ROWS."""
+    if values.dtype == torch.int8 and values.shape[0] < INT_MM_MIN_ROWS:
+        padding = INT_MM_MIN_ROWS - values.shape[0]  # zero rows: their outputs are cut off
+        values, scale = F.pad(values, (0, 0, 0, padding)), F.pad(scale, (0, 0, 0, padding), value=1.0)
+    return QuantizedInput(values, scale, shape)
 
 
 def fp8_input(values: torch.Tensor, scale: torch.Tensor) -> QuantizedInput:

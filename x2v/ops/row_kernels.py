@@ -57,11 +57,24 @@ def _rows_of(t: torch.Tensor, batch: int, tokens: int, width: int) -> tuple[int,
 
 
 @triton.jit
-def _layer_norm_kernel(X, Y, Gate, Weight, Bias, XOut, Out, width, eps, gate_div, gate_stride, weight_div,
+def _quantized_row(x, QMAX_: tl.constexpr, INT8: tl.constexpr):
+    """A row's symmetric 8-bit values (still float32) and its scale: its largest magnitude over QMAX_."""
+    # IEEE divisions (Triton's `/` is approximate), as torch divides: the same scales and 8-bit values
+    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), QMAX_)
+    values = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX_), QMAX_)
+    if INT8:
+        values = (values + ROUND_MAGIC) - ROUND_MAGIC
+    return values, scale
+
+
+@triton.jit
+def _layer_norm_kernel(X, Y, Gate, Weight, Bias, XOut, Out, Scales, width, eps, gate_div, gate_stride, weight_div,
                        weight_stride, bias_stride, HAS_Y: tl.constexpr, HAS_GATE: tl.constexpr,
-                       ONE_PLUS: tl.constexpr, BLOCK: tl.constexpr):
+                       ONE_PLUS: tl.constexpr, QUANT: tl.constexpr, ROUND_FP16: tl.constexpr, QMAX_: tl.constexpr,
+                       INT8: tl.constexpr, BLOCK: tl.constexpr):
     """One row: x' = x + y * gate (or x + y, or x), stored when there is a y; LayerNorm(x') in float32 times
-    ``weight`` (``1 + weight`` for a modulation's scale) plus ``bias``, stored in Out's dtype."""
+    ``weight`` (``1 + weight`` for a modulation's scale) plus ``bias``, stored in Out's dtype; with ``QUANT``,
+    rounded to bf16 (fp16 with ``ROUND_FP16``) and quantized: Out's 8-bit values and the row's scale."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -79,12 +92,19 @@ def _layer_norm_kernel(X, Y, Gate, Weight, Bias, XOut, Out, width, eps, gate_div
     if ONE_PLUS:
         weight = weight + 1.0
     bias = tl.load(Bias + (row // weight_div) * bias_stride + cols, mask=mask, other=0.0)
-    tl.store(Out + row * width + cols, (centered * rstd * weight + bias).to(Out.dtype.element_ty), mask=mask)
+    out = centered * rstd * weight + bias
+    if QUANT:
+        out = out.to(tl.float16 if ROUND_FP16 else tl.bfloat16).to(tl.float32)
+        out, scale = _quantized_row(out, QMAX_, INT8)
+        tl.store(Scales + row, scale)
+    tl.store(Out + row * width + cols, out.to(Out.dtype.element_ty), mask=mask)
 
 
-def _layer_norm(x, y, gate, weight, bias, eps, out_dtype, one_plus):
+def _layer_norm(x, y, gate, weight, bias, eps, out_dtype, one_plus, quant):
     """The launch behind the three LayerNorm functions; None for inputs it does not take."""
     if x.dtype != torch.float32 or x.dim() != 3 or not _takes(x):
+        return None
+    if quant is not None and out_dtype not in (torch.bfloat16, torch.float16):
         return None
     if y is not None and (y.shape != x.shape or not y.is_contiguous()):
         return None
@@ -94,26 +114,34 @@ def _layer_norm(x, y, gate, weight, bias, eps, out_dtype, one_plus):
     if None in found or any(t.dtype != torch.float32 for t in tensors) or found[1][0] != found[2][0]:
         return None
     (gate_div, gate_stride), (weight_div, weight_stride), (_, bias_stride) = found
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    rows = batch * tokens
+    if quant is None:
+        out, scales = torch.empty(x.shape, dtype=out_dtype, device=x.device), None
+    else:
+        out = torch.empty(rows, width, dtype=QUANT_DTYPES[quant], device=x.device)
+        scales = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     x_out = torch.empty_like(x) if y is not None else x
     block, warps = _launch(width)
-    _layer_norm_kernel[(batch * tokens,)](
-        x, y if y is not None else x, gate if gate is not None else x, weight, bias, x_out, out, width, eps,
-        gate_div, gate_stride, weight_div, weight_stride, bias_stride, HAS_Y=y is not None,
-        HAS_GATE=gate is not None, ONE_PLUS=one_plus, BLOCK=block, num_warps=warps)
+    _layer_norm_kernel[(rows,)](
+        x, y if y is not None else x, gate if gate is not None else x, weight, bias, x_out, out,
+        scales if scales is not None else x, width, eps, gate_div, gate_stride, weight_div, weight_stride,
+        bias_stride, HAS_Y=y is not None, HAS_GATE=gate is not None, ONE_PLUS=one_plus, QUANT=quant is not None,
+        ROUND_FP16=out_dtype == torch.float16, QMAX_=float(QMAX[quant or "int8"]), INT8=quant == "int8",
+        BLOCK=block, num_warps=warps)
+    out = out if scales is None else (out, scales)
     return out if y is None else (x_out, out)
 
 
-def modulated_norm(x, shift, scale, eps, out_dtype):
-    return _layer_norm(x, None, None, scale, shift, eps, out_dtype, one_plus=True)
+def modulated_norm(x, shift, scale, eps, out_dtype, quant=None):
+    return _layer_norm(x, None, None, scale, shift, eps, out_dtype, True, quant)
 
 
-def residual_modulated_norm(x, y, shift, scale, eps, out_dtype):
-    return _layer_norm(x, y, None, scale, shift, eps, out_dtype, one_plus=True)
+def residual_modulated_norm(x, y, shift, scale, eps, out_dtype, quant=None):
+    return _layer_norm(x, y, None, scale, shift, eps, out_dtype, True, quant)
 
 
-def gated_residual_layer_norm(x, y, gate, weight, bias, eps, out_dtype):
-    return _layer_norm(x, y, gate, weight, bias, eps, out_dtype, one_plus=False)
+def gated_residual_layer_norm(x, y, gate, weight, bias, eps, out_dtype, quant=None):
+    return _layer_norm(x, y, gate, weight, bias, eps, out_dtype, False, quant)
 
 
 @triton.jit
@@ -188,11 +216,7 @@ def _quantize_kernel(X, Values, Scales, width, QMAX_: tl.constexpr, GELU: tl.con
         # tanh(u) = 1 - 2 / (exp(2u) + 1): exact at both ends (exp overflowing to inf gives 1)
         u = GELU_C * (x + 0.044715 * x * x * x)
         x = (0.5 * x * (2.0 - 2.0 / (tl.exp(2.0 * u) + 1.0))).to(X.dtype.element_ty).to(tl.float32)
-    # IEEE divisions (Triton's `/` is approximate), as torch divides: the same scales and 8-bit values
-    scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), 0), 1e-12), QMAX_)
-    values = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -QMAX_), QMAX_)
-    if INT8:
-        values = (values + ROUND_MAGIC) - ROUND_MAGIC
+    values, scale = _quantized_row(x, QMAX_, INT8)
     tl.store(Values + row * width + cols, values.to(Values.dtype.element_ty), mask=mask)
     tl.store(Scales + row, scale)
 
