@@ -37,8 +37,10 @@ step() {  # name, seconds, command...
 }
 
 # 1. The 14B 480P forward next to diffusers: bf16 and fp8 with cuDNN's fp8 attention, each with x2v's one-pass
-#    row kernels (norms, RoPE, activation quantization) and with those compiled by Inductor instead (-inductor, what
-#    the last measurement ran: 0.845x and 0.614x); then fp8 with SDPA and with sage_triton (new Hopper tiling).
+#    row kernels (norms, RoPE, activation quantization; since session 8 the norms also quantize for 8-bit layers
+#    and write cudnn_fp8's Q in fp8) and with the same functions compiled by Inductor instead (-inductor: the last
+#    measurement, 0.845x and 0.614x, ran Inductor's kernels, without session 8's fusions); then fp8 with SDPA and
+#    with sage_triton (new Hopper tiling).
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
 # 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8

@@ -126,7 +126,7 @@ def _layer_norm(x, y, gate, weight, bias, eps, out_dtype, one_plus, quant):
         x, y if y is not None else x, gate if gate is not None else x, weight, bias, x_out, out,
         scales if scales is not None else x, width, eps, gate_div, gate_stride, weight_div, weight_stride,
         bias_stride, HAS_Y=y is not None, HAS_GATE=gate is not None, ONE_PLUS=one_plus, QUANT=quant is not None,
-        ROUND_FP16=out_dtype == torch.float16, QMAX_=float(QMAX[quant or "int8"]), INT8=quant == "int8",
+        ROUND_FP16=out_dtype == torch.float16, QMAX_=float(QMAX[quant]) if quant else 0.0, INT8=quant == "int8",
         BLOCK=block, num_warps=warps)
     out = out if scales is None else (out, scales)
     return out if y is None else (x_out, out)
