@@ -64,8 +64,8 @@ LAYOUTS = [(1, False), (2, False), (2, True)]  # (batch, per-token modulation): 
 
 
 @pytest.mark.parametrize("batch, per_token", LAYOUTS)
-@pytest.mark.parametrize("out_dtype, quant", [(torch.float32, None), (torch.bfloat16, None),
-                                              (torch.bfloat16, "fp8"), (torch.bfloat16, "int8")])
+@pytest.mark.parametrize("out_dtype, quant", [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "fp8"),
+                                              (torch.bfloat16, "int8"), (torch.float16, "int8")])
 def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype, quant):
     x, y = stream(batch)
     shift, scale, gate = modulation(batch, per_token)
@@ -80,7 +80,7 @@ def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype, quant)
             torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
             got, want = got[1], want[1]
         if quant is not None:  # per-row 8-bit values and scales for the next layer, as quantize_activations'
-            within_quantization(got, want, rows_of_bf16=True)
+            within_quantization(got, want, rounded_to=out_dtype)
             assert got[0].shape == (batch * TOKENS, WIDTH)
             continue
         assert got.dtype == out_dtype and got.shape == x.shape
@@ -90,18 +90,18 @@ def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype, quant)
             within_steps(got, want, out_dtype)
 
 
-def within_quantization(got: tuple, want: tuple, rows_of_bf16: bool) -> None:
-    """Per-row 8-bit ``(values, scales)`` against the definition's. Rows rounded to bf16 first (truncated here)
-    may have their largest value, hence scale, one bf16 step apart, and values one int8 step / two fp8 steps."""
+def within_quantization(got: tuple, want: tuple, rounded_to: torch.dtype | None) -> None:
+    """Per-row 8-bit ``(values, scales)`` against the definition's. Rows rounded to 16 bits first (truncated here)
+    may have their largest value, hence scale, one step of that type apart, and values one int8 step / two fp8
+    steps."""
     (values, scale), (want_values, want_scale) = got, want
     assert values.dtype == want_values.dtype and values.shape == want_values.shape
     assert scale.shape == want_scale.shape == (values.shape[0], 1)
-    torch.testing.assert_close(scale, want_scale, rtol=torch.finfo(torch.bfloat16).eps if rows_of_bf16 else 1e-6,
-                               atol=0)
+    torch.testing.assert_close(scale, want_scale, rtol=torch.finfo(rounded_to).eps if rounded_to else 1e-6, atol=0)
     if values.dtype == torch.int8:  # round to nearest, ties to even, as torch.round
-        assert (values.int() - want_values.int()).abs().max() <= (1 if rows_of_bf16 else 0)
+        assert (values.int() - want_values.int()).abs().max() <= (1 if rounded_to else 0)
     else:
-        within_steps(values, want_values.float(), want_values.dtype, steps=2 if rows_of_bf16 else 1)
+        within_steps(values, want_values.float(), want_values.dtype, steps=2 if rounded_to else 1)
     assert not torch.isnan(values.float()).any()
 
 
@@ -163,7 +163,7 @@ def test_activation_quantization_equals_its_definition(kind, gelu):
     x = (2 * torch.randn(20, 200, generator=torch.Generator().manual_seed(4))).bfloat16()
     x[3] = 0  # an all-zero row quantizes to zeros with the floor scale, not NaN
     got = rows.quantize_activations(x, kind, gelu)
-    within_quantization(got, quant_linear.row_quantized(x, kind, gelu), rows_of_bf16=gelu)  # GELU's 16-bit output
+    within_quantization(got, quant_linear.row_quantized(x, kind, gelu), x.dtype if gelu else None)  # GELU's output
     assert got[0].shape == (20, 200) and (got[0][3].float() == 0).all()
 
 
