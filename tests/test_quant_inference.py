@@ -210,10 +210,10 @@ def test_quantize_at_load_equals_the_release_recipe(tiny_i2v, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_shared_activation_quantization_changes_no_number(tiny_i2v, kind, monkeypatch):
-    """With 8-bit kernels, q, k and v quantize their common input once, and the block's three norms quantize
-    their output for the 8-bit layers after them in their own pass (q/k/v, the cross-attention's q, the
-    feed-forward's first layer); the feed-forward's GELU goes into the second layer's input quantization: bit for
-    bit what each layer on its own computes (``unfused()``)."""
+    """With 8-bit kernels, each of the block's three norms quantizes its output in its own pass for the 8-bit
+    layers after it (q, k and v share that one copy; the cross-attention's q; the feed-forward's first layer), and
+    the feed-forward's GELU goes into the second layer's input quantization: bit for bit what each layer on its
+    own computes (``unfused()``)."""
     from x2v.ops import norms, quant_linear
     from x2v.ops.fused import unfused
 
