@@ -115,8 +115,9 @@ def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def timed_alternating(fns, warmup: int, iters: int, device: str) -> list[float]:
-    """Mean seconds of each function, run in turns (a, b, a, b, ...) so clock and thermal drift hit both alike."""
+def timed_alternating(fns, warmup: int, iters: int, device: str, names: list[str] | None = None) -> list[float]:
+    """Mean seconds of each function, run in turns (a, b, a, b, ...) so clock and thermal drift hit both alike;
+    with ``names``, each round's seconds are printed as it ends (a run cut short still reports)."""
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -125,13 +126,17 @@ def timed_alternating(fns, warmup: int, iters: int, device: str) -> list[float]:
         for fn in fns:
             fn()
     totals = [0.0] * len(fns)
-    for _ in range(iters):
+    for round_ in range(iters):
+        seconds = []
         for i, fn in enumerate(fns):
             sync()
             start = time.perf_counter()
             fn()
             sync()
-            totals[i] += time.perf_counter() - start
+            seconds.append(time.perf_counter() - start)
+            totals[i] += seconds[-1]
+        if names:
+            print(f"round {round_ + 1}: " + ", ".join(f"{n} {t:.3f} s" for n, t in zip(names, seconds)), flush=True)
     return [t / iters for t in totals]
 
 
@@ -333,7 +338,7 @@ def main() -> None:
                       f"{relative_l2(out, first):.1e}", flush=True)
             ref_out = out = first = None  # freed before timing
             runs = [lambda m=m: m(x, t, context) for m in models.values()]
-            times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device)))
+            times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device, list(models))))
             if args.profile:
                 for name, run in zip(models, runs):
                     profile(name, run, args.profile)
