@@ -174,8 +174,8 @@ class Variant:
     attention: str = TORCH_SDPA
     compiled: bool = False  # use_compile: blocks compiled whole
     unfused: bool = False  # the norms op by op (what x2v did before they were fused), to show what fusing gains
-    # the fused functions compiled by Inductor instead of x2v's one-pass row kernels (what x2v ran before those),
-    # to show what the row kernels gain
+    # the fused functions compiled by Inductor instead of x2v's one-pass row kernels, to show what the row kernels
+    # gain
     inductor: bool = False
 
     @classmethod

@@ -87,11 +87,16 @@ def kernel(name: str):
         return None
 
 
+def live_kernel(backend: str):
+    """The function for attention type ``backend``, or None where torch SDPA runs (the type itself, one that failed
+    once, or a kernel that is not installed)."""
+    return None if backend == TORCH_SDPA or backend in failed_types else kernel(backend)
+
+
 def takes_fp8_query(backend: str, v: torch.Tensor) -> bool:
     """Whether ``attention(q, k, v, backend)`` is best given Q as an ``Fp8Query``: the type's kernel (``FP8_QUERY``)
     runs for these values and quantizes Q to fp8 with one scale anyway; not inside ``unfused()``."""
-    return (backend in FP8_QUERY and backend not in failed_types and fused_enabled() and kernel_takes(v)
-            and kernel(backend) is not None)
+    return backend in FP8_QUERY and fused_enabled() and kernel_takes(v) and live_kernel(backend) is not None
 
 
 def attention(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor, backend: str = TORCH_SDPA) -> torch.Tensor:
@@ -101,8 +106,7 @@ def attention(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.Tensor, back
     ``[B, Lk, heads, d]``; returns ``[B, Lq, heads, d]`` in ``v``'s dtype.
     ``backend`` is a LightX2V attention type (``self_attn_1_type`` ...); see ``kernel``.
     """
-    fn = None if backend == TORCH_SDPA or backend in failed_types else kernel(backend)
-    out = _run(backend, fn, q, k, v)
+    out = _run(backend, live_kernel(backend), q, k, v)
     if out is None:
         return sdpa(q.dequantize(v.dtype) if isinstance(q, Fp8Query) else q, k, v)
     return out[0] if isinstance(out, tuple) else out  # flash-attn 3 returns (out, softmax_lse)
@@ -114,9 +118,9 @@ def attention_fp8_output(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.T
     offset ``[B, 1, heads, d]`` shared by all query rows (attention = values * scale + offset), for an fp8 matmul
     to take as they are, where the backend's kernel writes fp8 (``cudnn_fp8`` on Hopper); else None (call
     ``attention``)."""
-    if backend not in FP8_OUTPUT or backend in failed_types or kernel(backend) is None:
+    if backend not in FP8_OUTPUT or live_kernel(backend) is None:
         return None
-    module, function = FP8_OUTPUT[backend]  # its module imported by kernel(backend)
+    module, function = FP8_OUTPUT[backend]  # its module imported by live_kernel(backend)
     return _run(backend, getattr(sys.modules[module], function), q, k, v)
 
 
