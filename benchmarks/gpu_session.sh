@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU measurement the open speed work needs, in one run (about 15 minutes of steps at most). A session's device
+# Every GPU measurement of the speed work, in one run (about 15 minutes of steps at most). A session's device
 # time is 15 minutes including the machine's start and one command may run 10, so the first call should be the
 # default (steps 1-4: about 7 minutes as last measured, 12.5 at their limits: a cut-off still reports); the rest
 # are extras.
@@ -12,7 +12,7 @@
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #   same -d .whl_gpu nvidia-cudnn-frontend==1.32.0 av ftfy wcwidth   (cudnn_fp8; mp4 writing; umT5's text cleaning)
 #
-# Order: the open targets of the speed issue first, then the correctness checks, then the extras.
+# Order: the speed issue's targets first, then the correctness checks, then the extras.
 set -u
 OUT=${OUT:-/tmp/x2v-gpu}
 mkdir -p "$OUT"
@@ -37,10 +37,9 @@ step() {  # name, seconds, command...
 }
 
 # 1. The 14B 480P forward next to diffusers: bf16 and fp8 with cuDNN's fp8 attention, each with x2v's one-pass
-#    row kernels (norms, RoPE, activation quantization; since session 8 the norms also quantize for 8-bit layers
-#    and write cudnn_fp8's Q in fp8) and with the same functions compiled by Inductor instead (-inductor: the last
-#    measurement, 0.845x and 0.614x, ran Inductor's kernels, without session 8's fusions); then fp8 with SDPA and
-#    with sage_triton (new Hopper tiling).
+#    row kernels (norms, RoPE, activation quantization) and with the same functions compiled by Inductor instead
+#    (-inductor); then fp8 with SDPA and with sage_triton. Session 9 (H100): 0.823x, 0.830x, 0.593x (0.581x after
+#    its reciprocal change), 0.592x, 0.716x, 0.682x; 205 s.
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
 # 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8

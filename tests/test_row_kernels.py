@@ -93,13 +93,16 @@ def test_layer_norms_equal_their_definitions(batch, per_token, out_dtype, quant)
 def within_quantization(got: tuple, want: tuple, rounded_to: torch.dtype | None) -> None:
     """Per-row 8-bit ``(values, scales)`` against the definition's. Rows rounded to 16 bits first (truncated here)
     may have their largest value, hence scale, one step of that type apart, and values one int8 step / two fp8
-    steps."""
+    steps. The kernels multiply by the scale's reciprocal (within an ulp of dividing): a value within an ulp of a
+    rounding boundary may go one step the other way."""
     (values, scale), (want_values, want_scale) = got, want
     assert values.dtype == want_values.dtype and values.shape == want_values.shape
     assert scale.shape == want_scale.shape == (values.shape[0], 1)
     torch.testing.assert_close(scale, want_scale, rtol=torch.finfo(rounded_to).eps if rounded_to else 1e-6, atol=0)
     if values.dtype == torch.int8:  # round to nearest, ties to even, as torch.round
-        assert (values.int() - want_values.int()).abs().max() <= (1 if rounded_to else 0)
+        differs = values.int() != want_values.int()
+        assert (values.int() - want_values.int()).abs().max() <= 1
+        assert rounded_to or differs.float().mean() < 1e-3, "more than values at a rounding boundary moved"
     else:
         within_steps(values, want_values.float(), want_values.dtype, steps=2 if rounded_to else 1)
     assert not torch.isnan(values.float()).any()
