@@ -38,8 +38,7 @@ step() {  # name, seconds, command...
 
 # 1. The 14B 480P forward next to diffusers: bf16 and fp8 with cuDNN's fp8 attention, each with x2v's one-pass
 #    row kernels (norms, RoPE, activation quantization) and with the same functions compiled by Inductor instead
-#    (-inductor); then fp8 with SDPA and with sage_triton. Session 9 (H100): 0.823x, 0.830x, 0.593x (0.581x after
-#    its reciprocal change), 0.592x, 0.716x, 0.682x; 205 s.
+#    (-inductor); then fp8 with SDPA and with sage_triton (figures: docs/performance.md; about 205 s).
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
 # 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8
