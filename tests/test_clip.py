@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from x2v.errors import CheckpointError
-from x2v.formats.clip_keys import hf_to_official, infer_config, official_to_hf, to_official
-from x2v.loading.image_encoder import OFFICIAL_FILE, load_image_encoder
+from x2v.formats.clip_keys import hf_to_official, infer_architecture, official_to_hf, to_official
+from x2v.loading.components import CLIP_FILE as OFFICIAL_FILE
+from x2v.loading.load import load_image_encoder
 from x2v.loading.weights import build_on_meta
 from x2v.models.clip import IMAGE_MEAN, IMAGE_STD, ClipVisionConfig, ClipVisionTower
 
@@ -136,7 +137,7 @@ def fake_official_shapes(image_size: int, patch: int, width: int, layers: int, m
     ],
 )
 def test_infer_config(shapes: tuple[int, ...], num_heads: int | None, expected: ClipVisionConfig) -> None:
-    assert infer_config(to_official(fake_official_shapes(*shapes)), num_heads) == expected
+    assert ClipVisionConfig(**infer_architecture(to_official(fake_official_shapes(*shapes)), num_heads)) == expected
 
 
 def test_vit_h_parameter_count() -> None:

@@ -1,5 +1,5 @@
-"""Generation settings (x2v.pipelines.config) against shared/reference: formats.md §10, wan-models.md §7,
-sampling.md §6/§9, known-pitfalls.md E04, E06, F01, F03, F06. Fast: no torch models, no files but tmp ones."""
+"""Generation settings (x2v.pipelines.config tables, x2v.pipelines.settings resolution) against the facts in
+docs/config.md and docs/pitfalls.md (E04, E06, F01, F03, F06). Fast: no torch models, no files but tmp ones."""
 
 from __future__ import annotations
 
@@ -8,26 +8,34 @@ from pathlib import Path
 
 import pytest
 
-from x2v.errors import UnsupportedModelError, X2VError
+from x2v.errors import ConfigError, UnsupportedModelError, X2VError
 from x2v.formats import jsonc
+from x2v.pipelines import settings as settings_module
 from x2v.pipelines.config import (
-    KNOWN_KEYS,
-    MODEL_CLASSES,
-    NEGATIVE_PROMPT,
-    NEGATIVE_PROMPT_FLF2V,
-    NEGATIVE_PROMPT_I2V,
-    ConfigError,
-    check_frames,
-    defaults,
-    format_settings,
-    guide_scales,
-    resolve_settings,
-    resolve_with_sources,
-    validate,
+    KNOWN_KEYS, MODEL_CLASSES, NEGATIVE_PROMPT, NEGATIVE_PROMPT_FLF2V, NEGATIVE_PROMPT_I2V, check_frames, defaults,
+    guide_scales, model_class, validate,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "reference"
+
+
+def resolved(model_cls, task, *, config_file=None, overrides=None, model_config=None) -> settings_module.Settings:
+    """Both steps, as a pipeline runs them: the user's levels (``model_cls`` / ``task`` as keywords, a config dict,
+    keyword overrides), then the model's (its class and task defaults, its config.json)."""
+    keywords = {**(overrides or {}), **{k: v for k, v in (("model_cls", model_cls), ("task", task)) if v}}
+    user = settings_module.resolve_settings(config_json=config_file, keywords=keywords)
+    return user.for_model(user.model_cls, user.task or model_class(user.model_cls).tasks[0], model_config)
+
+
+def resolve_settings(model_cls, task, **levels) -> tuple[dict, list[str]]:
+    settings = resolved(model_cls, task, **levels)
+    return dict(settings.values), list(settings.warnings)
+
+
+def resolve_with_sources(model_cls, task, **levels) -> tuple[dict, list[str], dict]:
+    settings = resolved(model_cls, task, **levels)
+    return dict(settings.values), list(settings.warnings), dict(settings.origins)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Defaults (wan-models.md §7, sampling.md §6, §7, §9)
@@ -136,9 +144,9 @@ def test_unknown_model_cls_suggests() -> None:
         defaults("wan21", "t2v")
 
 
-def test_model_cls_required() -> None:
-    with pytest.raises(ConfigError, match="model_cls is not set"):
-        resolve_settings(None, "t2v")
+def test_model_cls_left_to_the_weights() -> None:
+    settings = settings_module.resolve_settings(keywords={"task": "t2v"})
+    assert settings.model_cls is None and settings.sampling is None  # completed once the weights say the class
 
 
 def test_tasks_per_model_class() -> None:
@@ -170,13 +178,72 @@ def test_precedence_each_level_overrides_the_previous() -> None:
     settings, warnings, sources = resolve_with_sources("wan2.1", "t2v", config_file=user, overrides=cli,
                                                        model_config=model)
     assert warnings == []
-    assert settings["sample_guide_scale"] == 5.0 and sources["sample_guide_scale"] == "default"
-    assert settings["infer_steps"] == 30 and sources["infer_steps"] == "model config.json"
-    assert settings["sample_shift"] == 8.0 and sources["sample_shift"] == "config file"
-    assert settings["fps"] == 30 and sources["fps"] == "override"
+    assert settings["sample_guide_scale"] == 5.0 and sources["sample_guide_scale"] == "default for wan2.1 t2v"
+    assert settings["infer_steps"] == 30 and sources["infer_steps"] == "infer_steps in the model's config.json"
+    assert settings["sample_shift"] == 8.0 and sources["sample_shift"] == "config key sample_shift"
+    assert settings["fps"] == 30 and sources["fps"] == "keyword fps="
     assert settings["target_video_length"] == 73
-    text = format_settings(settings, sources)
-    assert "fps: 30  [override]" in text and "infer_steps: 30  [model config.json]" in text
+    text = resolved("wan2.1", "t2v", config_file=user, overrides=cli, model_config=model).describe()
+    assert "fps: 30  [keyword fps=]" in text and "infer_steps: 30  [infer_steps in the model's config.json]" in text
+
+
+def test_a_request_is_the_highest_level_and_is_checked_like_a_file() -> None:
+    settings = resolved("wan2.1", "t2v", config_file={"infer_steps": 20}, overrides={"fps": 30})
+    request = settings.for_request({"num_frames": 49, "infer_steps": 3, "seed": None})
+    assert (request.output.frames, request.sampling.steps, request.output.fps) == (49, 3, 30)
+    assert request.origin("target_video_length") == "generate(num_frames=...)"
+    assert request.warnings == ()  # aliases are quiet in keywords
+    assert settings.sampling.steps == 20  # the pipeline's own settings are unchanged
+    typo = settings.for_request({"infer_step": 3})
+    assert typo.warnings == ("generate(): unknown config key 'infer_step' (did you mean 'infer_steps'?)",)
+    assert typo.sampling.steps == 20
+    with pytest.raises(ConfigError, match=r"target_video_length 10 is not of the form 4k\+1.*generate\(num_frames"):
+        settings.for_request({"num_frames": 10})
+    with pytest.raises(ConfigError, match="dit_quant_scheme cannot change per request"):
+        settings.for_request({"dit_quant_scheme": "fp8-vllm"})
+
+
+def test_config_file_warnings_and_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "my.json"
+    path.write_text('{"infer_step": 3, "target_video_length": 10}')
+    with pytest.raises(ConfigError, match=rf"target_video_length 10 .*config key target_video_length in {path}"):
+        settings_module.resolve_settings(config_json=path, keywords={"model_cls": "wan2.1"})
+    path.write_text('{"infer_step": 3}')
+    settings = settings_module.resolve_settings(config_json=path)
+    assert settings.warnings == (f"config file {path}: unknown config key 'infer_step' (did you mean 'infer_steps'?)",)
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'missing.json'}: config file not found"):
+        settings_module.resolve_settings(config_json=tmp_path / "missing.json")
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="holds one JSON object"):
+        settings_module.resolve_settings(config_json=path)
+
+
+def test_flags_are_named_as_flags() -> None:
+    settings = settings_module.resolve_settings(flags={"model_path": "/nowhere", "infer_steps": 4})
+    assert settings.origin("model_path") == "flag --model_path" and settings.sources.origin("model_path") == \
+        "flag --model_path"
+    with pytest.raises(ConfigError, match=r"infer_steps must be a positive integer.*\(flag --infer_steps\)"):
+        settings_module.resolve_settings(flags={"infer_steps": 0, "model_cls": "wan2.1"})
+
+
+def test_load_settings_are_typed_and_checked_before_any_file_is_read() -> None:
+    settings = settings_module.resolve_settings(config_json={
+        "mm_config": {"mm_type": "W-fp8-channel-sym-A-fp8-channel-sym-dynamic-Vllm"}, "cpu_offload": True,
+        "offload_granularity": "phase", "self_attn_1_type": "sage_triton", "t5_quantized_ckpt": "/models/t5.pth",
+        "lora_configs": [{"path": "a.safetensors", "strength": 0.5}], "lora_dynamic_apply": True})
+    assert settings.sources.quant("dit") == settings_module.Quantization(True, "fp8-vllm")
+    assert settings.sources.files["t5_quantized_ckpt"] == Path("/models/t5.pth")
+    assert (settings.offload.cpu_offload, settings.offload.granularity, settings.offload.t5) == (True, "phase", True)
+    assert settings.attention.types == ("sage_triton", "torch_sdpa", "torch_sdpa")
+    assert [(e.path, e.strength) for e in settings.lora.entries] == [("a.safetensors", 0.5)] and settings.lora.dynamic
+    with pytest.raises(ConfigError) as e:
+        settings_module.resolve_settings(config_json={
+            "dit_quant_scheme": "fp8-vlm", "self_attn_1_type": "flash_atn2", "lazy_load": True, "cpu_offload": "yes"})
+    text = str(e.value)
+    for expected in ("dit_quant_scheme 'fp8-vlm' is unknown (did you mean 'fp8-vllm'?)",
+                     "self_attn_1_type 'flash_atn2' is not an attention type (did you mean 'flash_attn2'?)",
+                     "cpu_offload must be true or false, got 'yes' (config key cpu_offload)"):
+        assert expected in text
 
 
 def test_model_config_never_overrides_the_user() -> None:
@@ -210,10 +277,10 @@ def test_model_cls_and_task_from_the_config_file() -> None:
     assert warnings == []
     settings, warnings = resolve_settings("wan2.1", "i2v", config_file={"model_cls": "wan2.2_moe", "task": "t2v"})
     assert (settings["model_cls"], settings["task"]) == ("wan2.1", "i2v")
-    assert warnings == ["config file: model_cls 'wan2.2_moe' is ignored; 'wan2.1' (argument) wins"]
+    assert warnings == ["config: model_cls 'wan2.2_moe' is ignored; 'wan2.1' (keyword model_cls=) wins"]
     settings, warnings, sources = resolve_with_sources(None, None, config_file={"model_cls": "wan2.1", "task": "t2v"},
                                                        overrides={"task": "i2v"})
-    assert (settings["task"], sources["task"], sources["model_cls"]) == ("i2v", "override", "config file")
+    assert (settings["task"], sources["task"], sources["model_cls"]) == ("i2v", "keyword task=", "config key model_cls")
     assert warnings == []  # another task with the same file is routine
 
 
@@ -223,11 +290,11 @@ def test_model_cls_and_task_from_the_config_file() -> None:
 
 def test_unknown_key_warning_suggests_the_closest_key() -> None:
     settings, warnings = resolve_settings("wan2.1", "t2v", config_file={"infer_step": 3, "zzz_qqq": 1})
-    assert "config file: unknown config key 'infer_step' (did you mean 'infer_steps'?)" in warnings
-    assert "config file: unknown config key 'zzz_qqq' (ignored)" in warnings
+    assert "config: unknown config key 'infer_step' (did you mean 'infer_steps'?)" in warnings
+    assert "config: unknown config key 'zzz_qqq' (ignored)" in warnings
     assert settings["infer_steps"] == 50  # the typo does not set anything
     _, warnings = resolve_settings("wan2.1", "t2v", overrides={"sample_guide_scal": 4.0})
-    assert warnings == ["override: unknown config key 'sample_guide_scal' (did you mean 'sample_guide_scale'?)"]
+    assert warnings == ["keyword arguments: unknown config key 'sample_guide_scal' (did you mean 'sample_guide_scale'?)"]
 
 
 def test_deprecated_names_are_mapped_with_a_warning() -> None:
@@ -239,7 +306,7 @@ def test_deprecated_names_are_mapped_with_a_warning() -> None:
     assert any("deprecated config key 'num_inference_steps' read as 'infer_steps'" in w for w in warnings)
     settings, warnings = resolve_settings("wan2.1", "t2v", config_file={"num_inference_steps": 30, "infer_steps": 20})
     assert settings["infer_steps"] == 20
-    assert warnings == [("config file: both 'num_inference_steps' and 'infer_steps' are set; "
+    assert warnings == [("config: both 'num_inference_steps' and 'infer_steps' are set; "
                          "'num_inference_steps' is ignored")]
 
 
@@ -261,7 +328,7 @@ def test_aliases_quiet_in_overrides_noted_in_files() -> None:
     assert warnings == []
     settings, warnings = resolve_settings("wan2.1", "t2v", config_file={"guidance_scale": 6.0})
     assert settings["sample_guide_scale"] == 6.0
-    assert warnings == ["config file: config key 'guidance_scale' read as 'sample_guide_scale' (LightX2V's name)"]
+    assert warnings == ["config: config key 'guidance_scale' read as 'sample_guide_scale' (LightX2V's name)"]
 
 
 def test_known_but_ignored_keys_warn() -> None:
@@ -278,12 +345,12 @@ def test_known_but_ignored_keys_warn() -> None:
         _, warnings = resolve_settings("wan2.1", "t2v", config_file={
             "parallel": parallel, "seq_parallel": False, "feature_caching": "NoCaching", "use_tae": False,
             "parallel_x": 1})
-        assert warnings == ["config file: unknown config key 'parallel_x' (did you mean 'parallel'?)"]
+        assert warnings == ["config: unknown config key 'parallel_x' (did you mean 'parallel'?)"]
 
 
 def test_settings_that_do_not_apply_warn() -> None:
     _, warnings = resolve_settings("wan2.1", "t2v", config_file={"boundary": 0.9})
-    assert warnings == ["config file: 'boundary' only applies to Wan2.2 A14B (wan2.2_moe); ignored for wan2.1"]
+    assert warnings == ["config: 'boundary' only applies to Wan2.2 A14B (wan2.2_moe); ignored for wan2.1"]
     settings, warnings = resolve_settings("wan2.1", "t2v", config_file={"denoising_step_list": D})
     assert len(warnings) == 1 and "only applies to the distill sampler" in warnings[0]
     assert "denoising_step_list" not in settings
@@ -469,7 +536,7 @@ def test_frame_count_edge_cases() -> None:
     ({"infer_steps": 0}, "infer_steps must be a positive integer"),
     ({"infer_steps": 4.0}, "infer_steps must be a positive integer"),
     ({"target_height": 470}, "target_height 470 must be a multiple of 16.*use 464 or 480"),
-    ({"target_width": 8}, "target_width 8 must be a multiple of 16.*use 16$"),
+    ({"target_width": 8}, r"target_width 8 must be a multiple of 16.*use 16 \(keyword target_width=\)$"),
     ({"sample_shift": 0}, "sample_shift must be a positive number"),
     ({"enable_cfg": "yes"}, "enable_cfg must be true or false"),
     ({"sample_solver": "unipcc"}, "sample_solver 'unipcc' is unknown.*did you mean 'unipc'"),
@@ -519,7 +586,7 @@ def test_distill_steps_and_solver() -> None:
     assert warnings == []
     assert (settings["sample_solver"], settings["infer_steps"]) == ("distill", 4)
     _, warnings = resolve_settings("wan2.1", "t2v", config_file={"scheduler_type": "MyScheduler"})
-    assert warnings == [("config file: scheduler_type \"MyScheduler\" is not one x2v knows "
+    assert warnings == [("scheduler_type \"MyScheduler\" (config key scheduler_type) is not one x2v knows "
                         "(WanScheduler, WanStepDistillScheduler); ignored, sample_solver is 'unipc'")]
     with pytest.raises(ConfigError, match="the distill sampler needs denoising_step_list"):
         resolve_settings("wan2.1", "t2v", config_file={"scheduler_type": "WanStepDistillScheduler"})

@@ -13,22 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_utils import relative_l2
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import x2v
-from ckpt_utils import relative_l2
 from x2v.cli.main import main
 from x2v.convert import ConversionError, convert, parse_lora
-from x2v.convert.layouts import from_metadata, parse_size
+from x2v.convert.layouts import parse_size
 from x2v.demo import DEMO_DIT, write_tiny_model
 from x2v.formats import t5_keys
-from x2v.formats.quant import detect_encoding, quantize_weight
+from x2v.formats.metadata import from_metadata
+from x2v.formats.quant import detect_encoding
 from x2v.formats.readers import SAFETENSORS_DTYPES, read_checkpoint, read_safetensors_header, safetensors_metadata
 from x2v.formats.writers import SafetensorsWriter, TensorSpec, is_temp, publish, temp_path
 from x2v.loading.resolve import resolve_dit
 from x2v.loading.weights import build_on_meta
 from x2v.models.wan_dit import WanDiT, WanDiTConfig
+from x2v.ops.quant_math import quantize_weight
 
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
 # Relative L2 error of the forward against the float model; measured on the tiny T2V DiT: int8 1.1e-3, fp8 4.9e-3

@@ -9,10 +9,11 @@ import math
 
 import pytest
 import torch
-
 from ckpt_utils import relative_l2
+
 from x2v.ops import attention
-from x2v.ops.attention import Fp8Query, sdpa
+from x2v.ops.attention import sdpa
+from x2v.ops.quant_math import Fp8Query
 
 pytest.importorskip("cudnn", reason="NVIDIA's cuDNN frontend is not installed: pip install --no-deps "
                                     "nvidia-cudnn-frontend (README's test command does)")
@@ -125,8 +126,9 @@ def test_fp8_output_goes_to_the_fp8_o_projection_as_it_is(tmp_path, monkeypatch)
     norm's static scale (no pass over Q for its largest value); the whole forward stays within fp8 rounding of the
     path that does neither, which ``unfused()`` runs. Blackwell (16-bit output) converts the output, with Q
     still from the norm in fp8."""
-    import x2v
     from test_attention_compile import inputs
+
+    import x2v
     from x2v.demo import write_tiny_model
     from x2v.ops.fused import unfused
     from x2v.ops.quant_linear import set_quant_mode

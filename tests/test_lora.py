@@ -16,12 +16,13 @@ from x2v.demo import TINY_DITS, write_dit
 from x2v.errors import CheckpointError, UnsupportedModelError
 from x2v.formats.dit_keys import official_key_to_diffusers
 from x2v.formats.lora_keys import UNRECOGNIZED
-from x2v.formats.quant import quantize_weight
 from x2v.loading import lora
 from x2v.loading.lora import LoraDeltas, LoraEntry, attach_loras, detach_loras, merge_loras, prepare_loras
 from x2v.loading.weights import build_on_meta
 from x2v.models.wan_dit import WanDiT, WanDiTConfig
 from x2v.ops.quant_linear import QuantLinear
+from x2v.ops.quant_math import quantize_weight
+from x2v.runtime.lora_branches import LoraBranch
 
 HIGH, LOW = "high_noise_model", "low_noise_model"
 RANK = 4
@@ -257,7 +258,7 @@ def test_dynamic_matches_merged_and_detach_restores_bit_exact(dirs, tmp_path):
     assert torch.equal(restored_out, base_out)
     for key, value in dynamic.state_dict().items():
         assert torch.equal(value, before[key]), key
-    assert not any(isinstance(m, lora.LoraBranch) for m in dynamic.modules())
+    assert not any(isinstance(m, LoraBranch) for m in dynamic.modules())
     assert dynamic.blocks[0].self_attn.q._forward_hooks == {}
     assert lora.attached_loras(dynamic) == []
 

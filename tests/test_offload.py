@@ -16,16 +16,18 @@ from safetensors.torch import save_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from x2v.demo import TINY_DITS, random_weights, write_tiny_model
-from x2v.formats.quant import quantize_weight
-from x2v.formats.readers import FileMappings, home_block, read_checkpoint
+from x2v.formats.readers import home_block, read_checkpoint
 from x2v.loading.dit import load_dit
 from x2v.loading.lora import attach_loras
 from x2v.loading.weights import assign_weights, build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT
 from x2v.ops.quant_linear import QuantLinear
-from x2v.pipelines.config import ConfigError, resolve_settings
-from x2v.pipelines.offload import DIT_BLOCK_LISTS, DiTOffload, OffloadConfig, block_units
+from x2v.ops.quant_math import quantize_weight
+from x2v.errors import ConfigError
+from x2v.pipelines.settings import resolve_settings
 from x2v.pipelines.wan import HIGH, LOW, Pipeline
+from x2v.runtime.offload import DiTOffload, OffloadConfig, block_units
+from x2v.runtime.pages import FileMappings
 
 KINDS = ("t2v", "i2v", "vace", "ti2v", "moe_t2v")
 SMALL = dict(target_height=32, target_width=32, target_video_length=5, infer_steps=2)
@@ -123,7 +125,7 @@ def test_next_unit_is_copied_before_the_current_one_runs_and_two_at_most_are_loa
     dit = deep_dit()
     args, extra = dit_inputs(dit)
     _, trace = run_offloaded(dit, granularity, args, extra)
-    order = [u.name for u in block_units(dit, DIT_BLOCK_LISTS, granularity)]
+    order = [u.name for u in block_units(dit, dit.OFFLOAD_BLOCKS, granularity)]
     assert [name for event, name in trace if event == "enter" and name != "rest"] == order
     for current, following in zip(order, order[1:]):
         assert trace.index(("load", following)) < trace.index(("enter", current))
@@ -209,24 +211,29 @@ def test_lazy_load_refuses_blocks_converted_at_load(models):
 ])
 def test_offload_settings_are_checked(settings, message):
     with pytest.raises(ConfigError, match=message):
-        OffloadConfig.from_settings(settings)
+        resolve_settings(config_json=settings)
+
+
+def offload_of(config: dict) -> OffloadConfig:
+    return resolve_settings(config_json=config).offload
 
 
 def test_encoder_offload_follows_cpu_offload_unless_set():
-    config = OffloadConfig.from_settings({"cpu_offload": True, "vae_cpu_offload": False})
+    config = offload_of({"cpu_offload": True, "vae_cpu_offload": False})
     assert (config.granularity, config.t5, config.clip, config.vae, config.disk_workers) == ("block", True, True,
                                                                                               False, 4)
-    assert not OffloadConfig.from_settings({}).t5
-    assert OffloadConfig.from_settings({"t5_cpu_offload": True}).place("t5", torch.device("cuda")).type == "cpu"
+    assert not offload_of({}).t5
+    assert offload_of({"t5_cpu_offload": True}).place("t5", torch.device("cuda")).type == "cpu"
 
 
 def test_offload_keys_are_known_and_acted_on():
     keys = {"cpu_offload": True, "offload_granularity": "phase", "lazy_load": False, "num_disk_workers": 2,
             "t5_cpu_offload": True, "clip_cpu_offload": True, "vae_cpu_offload": True}
-    _, warnings = resolve_settings("wan2.1", "t2v", config_file=keys)
-    assert warnings == []
-    _, warnings = resolve_settings("wan2.1", "t2v", config_file={"unload_modules": True})
-    assert len(warnings) == 1 and "unload_modules" in warnings[0]
+    settings = resolve_settings(config_json=keys).for_model("wan2.1", "t2v")
+    assert settings.warnings == ()
+    assert settings.offload == OffloadConfig(True, "phase", False, 2, True, True, True)
+    settings = resolve_settings(config_json={"unload_modules": True}).for_model("wan2.1", "t2v")
+    assert len(settings.warnings) == 1 and "unload_modules" in settings.warnings[0]
 
 
 def pipeline_pair(model, **settings):

@@ -79,9 +79,9 @@ def test_distilled_model_runs_four_steps_without_cfg(models, monkeypatch):
 
 def test_moe_expert_split_follows_the_boundary(models):
     pipe = Pipeline.from_pretrained(models["moe_t2v"], device="cpu", **SMALL)
-    settings = {**pipe.settings, "infer_steps": 40, "sample_shift": 12.0, "boundary": 0.875}
+    sampling = pipe.settings.for_request({"infer_steps": 40, "sample_shift": 12.0, "boundary": 0.875}).sampling
     scheduler = make_scheduler("unipc", 40, 12.0)
-    experts = [pipe.expert_for(settings, i, t) for i, t in enumerate(scheduler.timesteps)]
+    experts = [pipe.expert_for(sampling, i, t) for i, t in enumerate(scheduler.timesteps)]
     assert experts.count(HIGH) == 26 and experts.count(LOW) == 14
 
 
@@ -151,7 +151,7 @@ def test_vace_edits_a_source_video(models, tmp_path):
 
 def test_vace_reference_images_are_extra_latent_frames(models):
     pipe = Pipeline.from_pretrained(models["vace"], device="cpu", **SMALL)
-    inputs = pipe.prepare_inputs(pipe.settings | SMALL, 5, None, None, (None, None, [IMAGE]), {})
+    inputs = pipe.prepare_inputs(pipe.settings.output, None, None, (None, None, [IMAGE]), {})
     assert inputs["ref_frames"] == 1 and inputs["shape"][2] == 2 + 1  # 5 frames -> 2 latent frames, + 1 reference
     assert inputs["vace_context"].shape == (1, 96, 3, 8, 8)
     assert inputs["vace_context"][:, 16:].narrow(2, 0, 1).eq(0).all()  # reference: no reactive part, zero mask

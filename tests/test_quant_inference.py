@@ -9,24 +9,28 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from ckpt_utils import write_pth
 from test_clip import hf_model, image, official_dir  # noqa: F401  (module fixtures)
 from test_dit import RELEASES, VARIANTS, diffusers_dit, make_inputs, official_state_dict, write_official_dir
 from test_quant_loading import FORMATS, converter_quantizes, quantize, relative_l2, write_format
 from test_t5 import TINY_CONFIGS, padded_batch, tiny_hf_encoder
 from test_t5 import official_state_dict as t5_state_dict
-from x2v.formats.quant import QUANT_DTYPES, dequantize_weight, quantize_weight, quantized_in_releases
+
+from x2v.formats.quant import FLOAT, quantized_in_releases
+from x2v.loading.components import CLIP_FILE as OFFICIAL_FILE
+from x2v.loading.components import COMPONENTS
 from x2v.loading.dit import load_dit
-from x2v.loading.image_encoder import OFFICIAL_FILE, load_image_encoder
 from x2v.loading.inspect import memory_at
+from x2v.loading.load import load_image_encoder, load_text_encoder
 from x2v.loading.quantized import quantized_linears
 from x2v.loading.resolve import resolve_component
-from x2v.loading.text_encoder import OFFICIAL_T5_NAME, load_text_encoder
+from x2v.pipelines.settings import resolve_settings
 from x2v.loading.weights import build_on_meta
 from x2v.models.wan_dit import FP32_PARAMS, WanDiT
-from x2v.formats.quant import FLOAT
 from x2v.ops.quant_linear import QuantLinear, replace_linears, set_quant_mode
+from x2v.ops.quant_math import QUANT_DTYPES, dequantize_weight, quantize_weight
+
+OFFICIAL_T5_NAME = COMPONENTS["t5"].official_files[0]
 
 KINDS = ("int8", "fp8")
 MODES = ("weight-only", "w8a8")
@@ -277,8 +281,8 @@ def test_quantized_t5_file(tmp_path, kind):
     directory = tmp_path / "model"
     write_pth(directory / OFFICIAL_T5_NAME, {k: v.bfloat16() for k, v in tensors.items()})
     write_pth(directory / OFFICIAL_T5_NAME.replace("bf16", kind), quantize_release_layers(tensors, "t5", kind))
-    settings = {"t5_quantized": True, "t5_quant_scheme": f"{kind}-vllm"}
-    found = resolve_component("t5", directory, settings).path
+    settings = resolve_settings(config_json={"t5_quantized": True, "t5_quant_scheme": f"{kind}-vllm"})
+    found = resolve_component("t5", directory, settings.sources).path
     assert found.name == f"models_t5_umt5-xxl-enc-{kind}.pth"
     model = load_text_encoder(found, dtype=torch.bfloat16, quantized=True, quant_scheme=f"{kind}-sgl")
     assert isinstance(model.blocks[0].ffn.gate[0], QuantLinear) and isinstance(model.blocks[1].attn.o, QuantLinear)
@@ -303,8 +307,8 @@ def test_encoder_schemes_take_the_bare_kind(tmp_path, kind):
     tensors = t5_state_dict(tiny_hf_encoder(**TINY_CONFIGS[0]))
     write_pth(tmp_path / OFFICIAL_T5_NAME, tensors)
     write_pth(tmp_path / OFFICIAL_T5_NAME.replace("bf16", kind), quantize_release_layers(tensors, "t5", kind))
-    settings = {"t5_quantized": True, "t5_quant_scheme": kind}
-    found = resolve_component("t5", tmp_path, settings).path
+    settings = resolve_settings(config_json={"t5_quantized": True, "t5_quant_scheme": kind})
+    found = resolve_component("t5", tmp_path, settings.sources).path
     assert found.name == f"models_t5_umt5-xxl-enc-{kind}.pth"
     model = load_text_encoder(found, quantized=True, quant_scheme=kind)
     assert isinstance(model.blocks[0].attn.q, QuantLinear) and model.blocks[0].attn.q.kind == kind
@@ -346,8 +350,8 @@ def test_quantized_clip_file(tmp_path, official_dir, image, kind):  # noqa: F811
     tensors = dict(read_checkpoint(official_dir / OFFICIAL_FILE))
     quantized_name = OFFICIAL_FILE.replace(".pth", f"-{kind}.pth")
     write_pth(tmp_path / quantized_name, quantize_release_layers(tensors, "clip", kind))
-    assert resolve_component("clip", tmp_path, {"clip_quantized": True, "clip_quant_scheme": f"{kind}-q8f"}).path \
-        == tmp_path / quantized_name
+    settings = resolve_settings(config_json={"clip_quantized": True, "clip_quant_scheme": f"{kind}-q8f"})
+    assert resolve_component("clip", tmp_path, settings.sources).path == tmp_path / quantized_name
     model = load_image_encoder(tmp_path, quantized=True, quant_scheme=f"{kind}-q8f")
     assert isinstance(model.transformer[0].attn.to_qkv, QuantLinear)
     assert isinstance(model.transformer[1].mlp[2], QuantLinear)
@@ -408,10 +412,10 @@ def test_inspect_reports_quantized_encoders_and_memory(tmp_path):
     model_dir = write_tiny_model(tmp_path / "i2v", "i2v")
     t5 = dict(read_checkpoint(model_dir / OFFICIAL_T5_NAME))
     write_pth(model_dir / "models_t5_umt5-xxl-enc-fp8.pth", quantize_release_layers(t5, "t5", "fp8"))
-    plain = {r.name: r for r in inspect_model(model_dir, {}, torch.bfloat16)}
-    settings = {"t5_quantized": True, "t5_quant_scheme": "fp8-vllm", "dit_quantized": True,
-                "dit_quant_scheme": "int8-vllm"}
-    reports = {r.name: r for r in inspect_model(model_dir, settings, torch.bfloat16)}
+    plain = {r.name: r for r in inspect_model(model_dir, dtype=torch.bfloat16)}
+    settings = resolve_settings(config_json={"t5_quantized": True, "t5_quant_scheme": "fp8-vllm",
+                                             "dit_quantized": True, "dit_quant_scheme": "int8-vllm"})
+    reports = {r.name: r for r in inspect_model(model_dir, settings.sources, torch.bfloat16)}
     assert not any(r.problems for r in reports.values())
     assert reports["t5"].found.path.name == "models_t5_umt5-xxl-enc-fp8.pth"
     assert reports["t5"].facts["quantization"].startswith("lightx2v-fp8")

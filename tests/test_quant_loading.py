@@ -10,11 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from test_dit import VARIANTS, diffusers_dit, make_inputs, official_state_dict, write_official_dir
+
 from x2v.errors import CheckpointError, UnsupportedModelError
-from x2v.formats.quant import FLOAT, check_scheme, dequantize, detect_encoding, quantized_in_releases
+from x2v.formats.quant import FLOAT, check_scheme, detect_encoding, quantized_in_releases
 from x2v.loading.dit import load_dit
+from x2v.loading.quantized import dequantize
 from x2v.ops.quant_linear import QuantLinear, set_quant_mode
 
 COMFY_PREFIX = "model.diffusion_model."

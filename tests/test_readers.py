@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckpt_utils import write_sharded
 from safetensors.torch import save_file
 
-from ckpt_utils import write_sharded
 from x2v.errors import CheckpointError
-from x2v.formats.readers import FileMappings, read_block_split, read_checkpoint, read_index
+from x2v.formats.readers import read_block_split, read_checkpoint, read_index
 from x2v.loading.weights import assign_weights, build_on_meta
+from x2v.runtime.pages import FileMappings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,14 @@ import torch
 from safetensors.torch import save_file
 
 from x2v.errors import CheckpointError
-from x2v.loading.resolve import EXPERT_METADATA_KEY, resolve_component, resolve_dit
+from x2v.formats.metadata import EXPERT_METADATA_KEY
+from x2v.loading.resolve import Sources, resolve_component, resolve_dit
+from x2v.pipelines.settings import resolve_settings
+
+
+def sources(config: dict) -> Sources:
+    """What the loaders get from a config with these keys (through the settings, as a pipeline does)."""
+    return resolve_settings(config_json=config).sources
 
 
 def dit_file(path, metadata=None):
@@ -61,10 +68,10 @@ def test_three_precision_variants_are_an_error_until_one_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="3 DiT checkpoints.*dit_original_ckpt") as err:
         resolve_dit(tmp_path)
     assert all(n in str(err.value) for n in names)
-    chosen = resolve_dit(tmp_path, {"dit_original_ckpt": str(tmp_path / names[0])})["dit"]
+    chosen = resolve_dit(tmp_path, sources({"dit_original_ckpt": str(tmp_path / names[0])}))["dit"]
     assert chosen.path.name == names[0] and chosen.how == "config key dit_original_ckpt"
-    quantized = resolve_dit(tmp_path, {"dit_quantized": True, "dit_quantized_ckpt": str(tmp_path / names[2]),
-                                       "dit_original_ckpt": str(tmp_path / names[0])})["dit"]
+    quantized = resolve_dit(tmp_path, sources({"dit_quantized": True, "dit_quantized_ckpt": str(tmp_path / names[2]),
+                                       "dit_original_ckpt": str(tmp_path / names[0])}))["dit"]
     assert quantized.path.name == names[2]
 
 
@@ -77,7 +84,7 @@ def test_wan22_experts_by_folder_and_by_symmetric_keys(tmp_path):
     fp8_low = dit_file(tmp_path / "q" / "low_fp8.safetensors")
     config = {"dit_quantized": True, "high_noise_quantized_ckpt": str(fp8_high),
               "low_noise_quantized_ckpt": str(fp8_low), "low_noise_original_ckpt": str(low)}
-    found = resolve_dit(tmp_path, config)
+    found = resolve_dit(tmp_path, sources(config))
     assert (found["high_noise_model"].path, found["low_noise_model"].path) == (fp8_high, fp8_low)
 
 
@@ -85,23 +92,23 @@ def test_global_dit_key_does_not_override_both_experts(tmp_path):
     sharded_dit(tmp_path / "high_noise_model")
     sharded_dit(tmp_path / "low_noise_model")
     with pytest.raises(CheckpointError, match="high_noise_original_ckpt and low_noise_original_ckpt"):
-        resolve_dit(tmp_path, {"dit_original_ckpt": str(tmp_path / "high_noise_model")})
+        resolve_dit(tmp_path, sources({"dit_original_ckpt": str(tmp_path / "high_noise_model")}))
 
 
 def test_missing_expert_is_named(tmp_path):
     sharded_dit(tmp_path / "high_noise_model")
     with pytest.raises(CheckpointError, match="no low_noise_model found.*low_noise_original_ckpt"):
-        resolve_dit(tmp_path, {"model_cls": "wan2.2_moe"})
+        resolve_dit(tmp_path, sources({"model_cls": "wan2.2_moe"}))
 
 
 def test_expert_files_without_folders_need_keys_or_metadata(tmp_path):
     dit_file(tmp_path / "a.safetensors")
     dit_file(tmp_path / "b.safetensors")
     with pytest.raises(CheckpointError, match="cannot be told apart"):
-        resolve_dit(tmp_path, {"model_cls": "wan2.2_moe"})
+        resolve_dit(tmp_path, sources({"model_cls": "wan2.2_moe"}))
     dit_file(tmp_path / "a.safetensors", {EXPERT_METADATA_KEY: "high_noise_model"})
     dit_file(tmp_path / "b.safetensors", {EXPERT_METADATA_KEY: "low_noise_model"})
-    found = resolve_dit(tmp_path, {"model_cls": "wan2.2_moe"})
+    found = resolve_dit(tmp_path, sources({"model_cls": "wan2.2_moe"}))
     assert found["high_noise_model"].path.name == "a.safetensors"
     assert "metadata" in found["low_noise_model"].how
 
@@ -131,4 +138,4 @@ def test_block_split_folder_is_one_checkpoint(tmp_path):
 
 def test_explicit_path_that_does_not_exist(tmp_path):
     with pytest.raises(CheckpointError, match="set by config key vae_path"):
-        resolve_component("vae", tmp_path, {"vae_path": str(tmp_path / "missing.pth")})
+        resolve_component("vae", tmp_path, sources({"vae_path": str(tmp_path / "missing.pth")}))

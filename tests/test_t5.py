@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from safetensors.torch import save_file
 from transformers import UMT5Config, UMT5EncoderModel
 
-from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from x2v.demo import write_tokenizer
 from x2v.errors import CheckpointError
-from x2v.formats.t5_keys import hf_to_official, infer_config, official_to_hf, to_official
+from x2v.formats.t5_keys import hf_to_official, infer_architecture, official_to_hf, to_official
 from x2v.formats.tokenizer import clean_prompt
-from x2v.loading.text_encoder import OFFICIAL_T5_NAME, load_text_encoder, load_tokenizer
+from x2v.loading.components import COMPONENTS
+from x2v.loading.load import load_text_encoder, load_tokenizer
 from x2v.loading.weights import build_on_meta
 from x2v.models.t5 import UMT5_XXL, T5Encoder, T5EncoderConfig, relative_position_buckets, trim_to_lengths
+
+OFFICIAL_T5_NAME = COMPONENTS["t5"].official_files[0]
 
 # dim == dim_attn, and dim != dim_attn (HF inner_dim = heads * d_kv) with fewer buckets.
 TINY_CONFIGS = [
@@ -129,7 +132,7 @@ def test_key_maps_round_trip():
 @pytest.mark.parametrize("config", TINY_CONFIGS)
 def test_architecture_inferred_from_shapes(config):
     tensors = official_state_dict(tiny_hf_encoder(**config))
-    assert infer_config(tensors, "test") == T5EncoderConfig(
+    assert T5EncoderConfig(**infer_architecture(tensors, "test")) == T5EncoderConfig(
         vocab=config["vocab_size"],
         dim=config["d_model"],
         dim_attn=config["d_kv"] * config["num_heads"],

@@ -12,8 +12,9 @@ from ckpt_utils import assert_close_to_scale, randomize_, write_pth
 from diffusers import AutoencoderKLWan
 
 from x2v.errors import CheckpointError
-from x2v.formats.vae_keys import diffusers_to_official, infer_config, official_to_diffusers
-from x2v.loading.vae import load_vae
+from x2v.formats.vae_keys import diffusers_to_official, official_to_diffusers
+from x2v.loading.components import vae_architecture
+from x2v.loading.load import load_vae
 from x2v.loading.weights import build_on_meta
 from x2v.models.vae import CausalVAE, Wan21VAE, Wan21VAEConfig
 from x2v.models.vae22 import WAN22_LATENT_MEAN, WAN22_LATENT_STD, Wan22VAE, Wan22VAEConfig
@@ -187,7 +188,7 @@ def test_release_size_models(version, diffusers_config, params, tensors):
     state = model.state_dict()
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == round(params / 1e6, 2)
     assert len(state) == tensors
-    assert infer_config(state, "meta") == config
+    assert vae_architecture(state, "meta") == config
     # The key maps at full size against diffusers' own release architecture, names and shapes.
     with torch.device("meta"):
         reference = AutoencoderKLWan(**diffusers_config).state_dict()

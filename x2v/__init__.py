@@ -1,15 +1,16 @@
 """x2v: load and run the Wan2.1 / Wan2.2 video diffusion models."""
 
-from x2v.errors import CheckpointError, UnsupportedModelError, X2VError
+from x2v.errors import CheckpointError, ConfigError, UnsupportedModelError, X2VError
 
 # Public loaders, imported on first use so `import x2v` (and the CLI) starts fast.
 _LAZY = {
     "load_dit": "x2v.loading.dit",
-    "load_text_encoder": "x2v.loading.text_encoder",
-    "load_tokenizer": "x2v.loading.text_encoder",
-    "load_image_encoder": "x2v.loading.image_encoder",
-    "load_vae": "x2v.loading.vae",
+    "load_text_encoder": "x2v.loading.load",
+    "load_tokenizer": "x2v.loading.load",
+    "load_image_encoder": "x2v.loading.load",
+    "load_vae": "x2v.loading.load",
     "Pipeline": "x2v.pipelines.wan",
+    "resolve_settings": "x2v.pipelines.settings",
     "inspect_model": "x2v.loading.inspect",
     "LoraEntry": "x2v.loading.lora",
     "LoraReport": "x2v.loading.lora",
@@ -19,7 +20,7 @@ _LAZY = {
     "set_lora_strength": "x2v.loading.lora",
 }
 
-__all__ = ["CheckpointError", "UnsupportedModelError", "X2VError", *_LAZY]
+__all__ = ["CheckpointError", "ConfigError", "UnsupportedModelError", "X2VError", *_LAZY]
 
 
 def __getattr__(name: str):

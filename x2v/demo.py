@@ -72,8 +72,9 @@ def write_tokenizer(directory: Path, words: list[str] = DEMO_WORDS) -> None:
     wrapped.save_pretrained(str(directory))
 
 
-def write_dit(directory: Path, config: WanDiTConfig, seed: int) -> None:
-    """Official DiT layout: two safetensors shards, their index and config.json."""
+def write_dit(directory: Path, config: WanDiTConfig, seed: int, sampling: dict | None = None) -> None:
+    """Official DiT layout: two safetensors shards, their index and config.json (with ``sampling`` keys, as
+    LightX2V's distributed models carry them)."""
     directory.mkdir(parents=True, exist_ok=True)
     dit = random_weights(build_on_meta(lambda: WanDiT(config)), seed=seed)
     names = list(dit)
@@ -91,11 +92,12 @@ def write_dit(directory: Path, config: WanDiTConfig, seed: int) -> None:
     json_config = {"_class_name": "WanModel", **{f: getattr(config, f) for f in fields}}
     if config.vace_layers:
         json_config.update(_class_name="VaceWanModel", vace_layers=list(config.vace_layers))
-    (directory / "config.json").write_text(json.dumps(json_config, indent=2))
+    (directory / "config.json").write_text(json.dumps({**json_config, **(sampling or {})}, indent=2))
 
 
-def write_tiny_model(directory: Path, kind: str = "t2v") -> Path:
-    """A complete tiny model directory of ``kind`` (a key of ``TINY_DITS``), random weights, official file names.
+def write_tiny_model(directory: Path, kind: str = "t2v", sampling: dict | None = None) -> Path:
+    """A complete tiny model directory of ``kind`` (a key of ``TINY_DITS``), random weights, official file names;
+    ``sampling``: settings its config.json carries.
 
     Built in a temp folder and renamed when complete; an existing directory is reused as it is.
     """
@@ -109,7 +111,7 @@ def write_tiny_model(directory: Path, kind: str = "t2v") -> Path:
             for seed, expert in enumerate(("high_noise_model", "low_noise_model"), start=1):
                 write_dit(tmp / expert, config, seed)
         else:
-            write_dit(tmp, config, seed=1)
+            write_dit(tmp, config, seed=1, sampling=sampling)
         t5 = random_weights(build_on_meta(lambda: T5Encoder(DEMO_T5)), seed=2)
         torch.save({k: v.bfloat16() for k, v in t5.items()}, tmp / "models_t5_umt5-xxl-enc-bf16.pth")
         if kind == "ti2v":
@@ -128,22 +130,15 @@ def write_tiny_model(directory: Path, kind: str = "t2v") -> Path:
     return directory
 
 
-def write_demo_model(directory: Path) -> Path:
-    return write_tiny_model(directory, "t2v")
-
-
-# Small enough for a CPU in seconds: 17 frames of 128x128, 8 steps.
+# The demo model's own settings, in its config.json (the "model's config.json" level): small enough for a CPU in
+# seconds, 17 frames of 128x128, 8 steps. A --config_json or a flag still beats them.
 DEMO_SETTINGS = {"target_height": 128, "target_width": 128, "target_video_length": 17, "infer_steps": 8}
+DEMO_FOLDER = "wan-demo-tiny-2"  # the name changes when what is written does: a cached older model is not reused
 
 
-def run_demo(cache_dir: Path, prompt: str, *, save_result_path: str | Path | None = None, seed: int = 0,
-             **settings):
-    """Text-to-video through the tiny model with the real pipeline; returns its ``GenerationResult``."""
-    from x2v.pipelines.wan import Pipeline
-
-    model_dir = write_demo_model(cache_dir / "wan-demo-tiny")
-    pipe = Pipeline.from_pretrained(model_dir, device="cpu", **{**DEMO_SETTINGS, **settings})
-    result = pipe.generate(prompt, seed=seed, save_result_path=save_result_path)
-    print(f"model: {model_dir} (random weights, official layout; {pipe.model_cls}, task {pipe.task})")
-    print(result.report())
-    return result
+def write_demo_model(cache_dir: Path) -> Path:
+    """The demo model (a tiny Wan2.1 T2V with ``DEMO_SETTINGS`` in its config.json) in ``cache_dir``, written once."""
+    directory = Path(cache_dir) / DEMO_FOLDER
+    if directory.is_dir():
+        return directory
+    return write_tiny_model(directory, "t2v", sampling=DEMO_SETTINGS)

@@ -13,6 +13,10 @@ class UnsupportedModelError(X2VError):
     """The checkpoint is recognized but x2v cannot run it (yet)."""
 
 
+class ConfigError(X2VError, ValueError):
+    """A setting has the wrong type or value, or model_cls / task are unknown. The message names the key and the fix."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (or its type when the message is empty), for one-line notices."""
     return str(error).partition("\n")[0] or type(error).__name__

@@ -1,59 +1,84 @@
-"""``x2v generate`` and ``python -m x2v.infer``: LightX2V's flags, x2v's pipeline."""
+"""``x2v generate``, ``x2v demo`` and ``python -m x2v.infer``: LightX2V's flags, x2v's pipeline.
+
+Every flag is a LightX2V setting of the same name (argparse ``dest``), handed to ``resolve_settings`` as the
+command line's level: it beats ``--config_json``, which beats the model's own ``config.json`` and the defaults.
+A flag left out sets nothing, so the config file's value stands.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
+# Flags that are not settings: where to run, how much to say.
+NOT_SETTINGS = ("device", "config_json", "verbose", "func", "command", "cache_dir")
+DEFAULT_OUTPUT = "output.mp4"
 
 
-def add_generate_arguments(parser: argparse.ArgumentParser, model_path_required: bool) -> None:
-    parser.add_argument("--model_cls", help="wan2.1, wan2.1_distill, wan2.1_vace, wan2.2_moe, wan2.2_moe_distill, "
-                                            "wan2.2 (default: read from the weights)")
-    parser.add_argument("--task", help="t2v, i2v, flf2v, vace (default: read from the weights)")
-    parser.add_argument("--model_path", required=model_path_required, type=Path,
-                        help="model directory or DiT file" + ("" if model_path_required else
-                                                              " (default: the tiny random-weight demo model)"))
-    parser.add_argument("--config_json", type=Path, help="LightX2V-style JSON config (comments allowed)")
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--negative_prompt", default="", help="empty: the task's official default")
-    parser.add_argument("--image_path", help="first frame (i2v, flf2v, TI2V image-to-video)")
-    parser.add_argument("--last_frame_path", help="last frame (flf2v)")
-    parser.add_argument("--src_video", help="VACE: source video (mp4) to edit or extend")
-    parser.add_argument("--src_mask", help="VACE: mask video (mp4), white where new content is generated")
-    parser.add_argument("--src_ref_images", help="VACE: reference images, comma-separated paths")
-    parser.add_argument("--seed", type=int, default=None, help="default 42; negative: random")
-    parser.add_argument("--num_frames", dest="target_video_length", type=int)
-    parser.add_argument("--infer_steps", type=int)
-    parser.add_argument("--height", dest="target_height", type=int)
-    parser.add_argument("--width", dest="target_width", type=int)
-    parser.add_argument("--save_result_path", "--save_video_path", dest="save_result_path", default="output.mp4")
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+def add_generate_arguments(parser: argparse.ArgumentParser, *, model_path: bool = True,
+                           default_prompt: str | None = None) -> None:
+    """LightX2V's flags (``python -m lightx2v.infer``) plus the common sampling settings, each also a config key."""
+    model = parser.add_argument_group("model")
+    if model_path:
+        model.add_argument("--model_path", help="model folder (official, diffusers or LightX2V layout) or DiT file; "
+                                                "without it: the tiny random-weight demo model")
+    model.add_argument("--model_cls", help="wan2.1, wan2.1_distill, wan2.1_vace, wan2.2_moe, wan2.2_moe_distill, "
+                                           "wan2.2 (default: read from the weights)")
+    model.add_argument("--task", help="t2v, i2v, flf2v, vace (default: read from the weights)")
+    model.add_argument("--config_json", help="LightX2V-style JSON config; comments and trailing commas allowed. "
+                                             "Flags beat its values")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--prompt", help="what the video shows" +
+                        (f" (default: {default_prompt!r})" if default_prompt else " (required)"))
+    inputs.add_argument("--negative_prompt", help="what it must not show (default: the task's official one)")
+    inputs.add_argument("--image_path", help="first frame (i2v, flf2v, TI2V image-to-video)")
+    inputs.add_argument("--last_frame_path", help="last frame (flf2v)")
+    inputs.add_argument("--src_video", help="VACE: source video (mp4) to edit or extend")
+    inputs.add_argument("--src_mask", help="VACE: mask video (mp4), white where new content is generated")
+    inputs.add_argument("--src_ref_images", help="VACE: reference images, comma-separated paths")
+    sampling = parser.add_argument_group("sampling (default: the model's official values)")
+    sampling.add_argument("--seed", type=int, help="noise seed (default 42; negative: a random one)")
+    sampling.add_argument("--target_video_length", "--num_frames", type=int, metavar="N",
+                          help="frames, of the form 4k+1: 5, 9, ..., 81 (default 81; TI2V-5B 121)")
+    sampling.add_argument("--infer_steps", type=int, metavar="N", help="denoising steps (default 40-50; distilled 4)")
+    sampling.add_argument("--target_height", "--height", type=int, metavar="PX",
+                          help="height, a multiple of 16 (32 for TI2V-5B); image-to-video: with the width the area")
+    sampling.add_argument("--target_width", "--width", type=int, metavar="PX", help="width, a multiple of 16 (32)")
+    sampling.add_argument("--sample_guide_scale", type=float, metavar="G", help="classifier-free guidance scale")
+    sampling.add_argument("--sample_shift", type=float, metavar="S", help="noise schedule shift")
+    output = parser.add_argument_group("output")
+    output.add_argument("--save_result_path", "--save_video_path", metavar="PATH",
+                        help=f"mp4 to write (default: {DEFAULT_OUTPUT})")
+    output.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    output.add_argument("--verbose", action="store_true", help="say how each file was found and loaded")
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] | None = None,
+                 default_output: str = DEFAULT_OUTPUT, default_prompt: str | None = None) -> int:
+    """Resolve the settings (flags > --config_json > the model's > defaults), load, generate, write the mp4.
+    ``default_model`` (called when neither a flag nor the config names the model) and ``default_prompt`` are the
+    command's own defaults, below every level the user sets."""
+    from x2v.pipelines.settings import resolve_settings
     from x2v.pipelines.wan import Pipeline
 
-    logging.basicConfig(level=logging.WARNING, format="x2v: %(message)s")
-    model_path = args.model_path
-    if model_path is None:
-        from x2v.cli.main import DEFAULT_CACHE
-        from x2v.demo import DEMO_SETTINGS, write_demo_model
-
-        model_path = write_demo_model(DEFAULT_CACHE / "wan-demo-tiny")
-        print(f"no --model_path: using the tiny random-weight demo model in {model_path}")
-        defaults = DEMO_SETTINGS
-    else:
-        defaults = {}
-    settings = {k: getattr(args, k) for k in ("target_video_length", "infer_steps", "target_height", "target_width")}
-    settings = {**defaults, **{k: v for k, v in settings.items() if v is not None}}
-    pipe = Pipeline.from_pretrained(model_path, args.model_cls, args.task, device=args.device,
-                                    config_json=args.config_json, **settings)
-    print(f"model: {args.model_cls or pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
-    refs = [p for p in (args.src_ref_images or "").split(",") if p]
-    result = pipe.generate(args.prompt, negative_prompt=args.negative_prompt or None, image=args.image_path,
-                           last_image=args.last_frame_path, src_video=args.src_video, src_mask=args.src_mask, src_ref_images=refs,
-                           seed=args.seed, save_result_path=args.save_result_path)
-    print(result.report())
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="x2v: %(message)s")
+    flags = {key: value for key, value in vars(args).items() if key not in NOT_SETTINGS and value is not None}
+    settings = resolve_settings(flags=flags, config_json=args.config_json)
+    fallback = {}
+    if settings.model_path is None and not settings.sources.files and default_model is not None:
+        fallback["model_path"] = default_model()
+        print(f"no --model_path: the tiny random-weight demo model in {fallback['model_path']}")
+    if settings.get("prompt") is None:
+        if default_prompt is None:
+            raise ValueError("no prompt: say what the video shows with --prompt \"...\" (or the config key prompt)")
+        fallback["prompt"] = default_prompt
+    if fallback:
+        settings = resolve_settings(flags=flags, config_json=args.config_json, fallback=fallback,
+                                    fallback_origin=f"{args.command}'s default")
+    pipe = Pipeline.load(settings, device=args.device)
+    print(f"model: {pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
+    output = None if settings.get("save_result_path") else default_output
+    print(pipe.generate(save_result_path=output).report())
     return 0

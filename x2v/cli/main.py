@@ -10,14 +10,26 @@ from pathlib import Path
 from x2v.cli.generate import add_generate_arguments, run_generate
 
 DEFAULT_CACHE = Path(os.environ.get("X2V_CACHE", Path.home() / ".cache" / "x2v"))
+DEMO_PROMPT = "a red car on a city street at night"
+
+
+def demo_model(cache_dir: Path):
+    def write() -> Path:
+        from x2v.demo import write_demo_model
+
+        return write_demo_model(cache_dir)
+
+    return write
 
 
 def demo(args: argparse.Namespace) -> int:
-    from x2v.demo import run_demo
+    """``x2v generate`` on the tiny demo model (written once to the cache): same flags, same pipeline."""
+    return run_generate(args, default_model=demo_model(args.cache_dir), default_output="x2v_demo.mp4",
+                        default_prompt=DEMO_PROMPT)
 
-    run_demo(args.cache_dir, args.prompt, save_result_path=args.output, seed=args.seed,
-             target_video_length=args.frames, infer_steps=args.steps)
-    return 0
+
+def generate(args: argparse.Namespace) -> int:
+    return run_generate(args, default_model=demo_model(DEFAULT_CACHE))
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -25,12 +37,12 @@ def inspect(args: argparse.Namespace) -> int:
 
     import torch
 
-    from x2v.formats import jsonc
     from x2v.loading.inspect import format_report, inspect_model
+    from x2v.pipelines.settings import resolve_settings
 
-    config = jsonc.load(args.config) if args.config else {}
+    sources = resolve_settings(config_json=args.config).sources
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reports = inspect_model(args.path, config, dtype)
+    reports = inspect_model(args.path, sources, dtype)
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2, default=str))
     else:
@@ -88,13 +100,11 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2v", description="Load and run Wan2.1 / Wan2.2 video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="text-to-video through a tiny random-weight model in the official layout")
-    p.add_argument("--prompt", default="a red car on a city street at night")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
-    p.add_argument("--output", default="x2v_demo.mp4")
+    p = sub.add_parser("demo", help="text-to-video through a tiny random-weight model in the official layout "
+                                     "(the same flags as generate)")
+    add_generate_arguments(p, model_path=False, default_prompt=DEMO_PROMPT)
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where the demo model is written "
+                                                                          f"(default: {DEFAULT_CACHE})")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="what a model directory or file holds, and every problem with its fix")
     p.add_argument("path", type=Path, help="model directory, DiT folder or checkpoint file")
@@ -106,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     add_convert_arguments(p)
     p.set_defaults(func=convert)
     p = sub.add_parser("generate", help="generate a video (LightX2V's flags; python -m x2v.infer takes the same)")
-    add_generate_arguments(p, model_path_required=False)
-    p.set_defaults(func=run_generate)
+    add_generate_arguments(p)
+    p.set_defaults(func=generate)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 
@@ -121,6 +131,12 @@ def run_command(func, args: argparse.Namespace) -> int:
     except (X2VError, ValueError) as e:
         print(f"x2v: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file that cannot be read or written: say which, no traceback
+        print(f"x2v: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("x2v: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def convert(source: str | os.PathLike, output: str | os.PathLike, options: Conve
 
     from x2v.convert.layouts import LAYOUTS
     from x2v.convert.options import COMPONENTS, QUANTIZE_CHOICES
-    from x2v.loading.resolve import EXPERTS
+    from x2v.formats.metadata import EXPERTS
 
     options = replace(options or ConvertOptions(), **settings)
     choices = {"layout": (None, *LAYOUTS), "quantize": (None, *QUANTIZE_CHOICES), "component": COMPONENTS,

@@ -1,5 +1,7 @@
 """What ``x2v convert`` writes, as tables: output layouts, file names, config.json formats and the metadata keys.
 
+The metadata a converted file records is ``x2v.formats.metadata``.
+
 A layout is a key naming (official Wan names, diffusers names, ComfyUI's ``model.diffusion_model.`` prefix) and a
 container (shards + index, one file, LightX2V's block-split folder). Every converted safetensors file records in
 its metadata what it holds (``METADATA_KEYS``), so that the loader, ``x2v inspect`` and the resolver understand
@@ -14,7 +16,8 @@ from dataclasses import dataclass
 
 from x2v.formats.dit_keys import PREFIXES, official_key_to_diffusers
 from x2v.formats.readers import NON_BLOCK_FILE
-from x2v.loading.resolve import EXPERT_METADATA_KEY, OFFICIAL_DIT_STEM
+from x2v.loading.components import COMPONENTS
+from x2v.loading.resolve import OFFICIAL_DIT_STEM
 from x2v.models.wan_dit import WanDiTConfig
 
 SHARDED, SINGLE, BLOCK_SPLIT = "sharded", "single", "block-split"
@@ -46,33 +49,6 @@ NAMINGS = {
 # The weight-scale spelling each naming's readers expect (ComfyUI: per-tensor scale_weight; else LightX2V's).
 SCALE_SPELLING = {"official": "weight_scale", "diffusers": "weight_scale", "comfyui": "scale_weight"}
 
-# What a converted file says about itself (safetensors __metadata__, string values) -> metadata key.
-METADATA_KEYS = {
-    "layout": "x2v_layout",
-    "encoding": "x2v_encoding",  # float | lightx2v-int8 | lightx2v-fp8 | comfy-scaled-fp8 (x2v.formats.quant)
-    "quant_scheme": "quant_scheme",  # the dit_quant_scheme that runs it in LightX2V ("Default": not quantized)
-    "model_type": "model_type",  # t2v | i2v | flf2v | vace | ti2v
-    "variant": "x2v_variant",  # e.g. "Wan2.1 T2V-1.3B"
-    "expert": EXPERT_METADATA_KEY,  # Wan2.2 A14B: high_noise_model | low_noise_model
-    "source": "source",  # the path converted
-    "loras": "x2v_loras",  # JSON list of the LoRAs merged in
-}
-# "format": "pt" is the safetensors convention (transformers refuses files whose format is anything else).
-FIXED_METADATA = {"format": "pt", "x2v_converter": "x2v convert 1"}
-
-
-def to_metadata(description: dict[str, str | None]) -> dict[str, str]:
-    """``{field: value}`` (fields of ``METADATA_KEYS``; None = unknown, left out) -> safetensors metadata."""
-    return {**FIXED_METADATA, **{METADATA_KEYS[f]: v for f, v in description.items() if v is not None}}
-
-
-def from_metadata(metadata: dict[str, str]) -> dict[str, str]:
-    """The fields a converted file records, by field name; {} for a file x2v did not write."""
-    if "x2v_converter" not in metadata:
-        return {}
-    return {field: metadata[key] for field, key in METADATA_KEYS.items() if key in metadata}
-
-
 # --- file names ----------------------------------------------------------------------------------------------
 
 SINGLE_FILE = f"{OFFICIAL_DIT_STEM}.safetensors"
@@ -92,18 +68,13 @@ def index_json(weight_map: dict[str, str], total_size: int) -> str:
     return json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=2)
 
 
-T5_FILES = {"fp8": "models_t5_umt5-xxl-enc-fp8.pth", "int8": "models_t5_umt5-xxl-enc-int8.pth",
-            "bf16": "models_t5_umt5-xxl-enc-bf16.pth", "fp16": "models_t5_umt5-xxl-enc-fp16.pth",
-            "fp32": "models_t5_umt5-xxl-enc-fp32.pth"}
-CLIP_STEM = "models_clip_open-clip-xlm-roberta-large-vit-huge-14"
-CLIP_FILES = {"fp8": f"{CLIP_STEM}-fp8.pth", "int8": f"{CLIP_STEM}-int8.pth"}
-
-
 def encoder_file(component: str, precision: str) -> str:
-    """LightX2V's name for a (quantized) T5 / CLIP file; precision is fp8 | int8 | bf16 | fp16 | fp32."""
-    if component == "t5":
-        return T5_FILES[precision]
-    return CLIP_FILES.get(precision, f"{CLIP_STEM}.pth")
+    """LightX2V's name for a (quantized) T5 / CLIP file; precision is fp8 | int8 | bf16 | fp16 | fp32. umT5 files
+    carry any precision in the name (the release's is bf16); a float CLIP file has the release's name."""
+    entry = COMPONENTS[component]
+    if component == "t5" or precision in ("fp8", "int8"):
+        return entry.quantized_files[0].format(kind=precision)
+    return entry.official_files[0]
 
 
 # --- sizes ---------------------------------------------------------------------------------------------------

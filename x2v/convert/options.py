@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from x2v.errors import X2VError
-from x2v.loading.resolve import EXPERT_SHORT, EXPERTS
+from x2v.formats.metadata import EXPERT_SHORT, EXPERTS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 QUANTIZE_CHOICES = ("fp8", "int8", "none")

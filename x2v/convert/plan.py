@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from x2v.formats.quant import (
-    MARKER, PER_CHANNEL, PER_TENSOR, QUANT_DTYPES, Encoding, dequantize_weight, per_channel_scale, merge_rounding,
-    quantize_weight, quantized_in_releases, without_scales,
-)
+from x2v.formats.quant import MARKER, PER_CHANNEL, PER_TENSOR, Encoding, quantized_in_releases, without_scales
 from x2v.formats.writers import TensorSpec
+from x2v.ops.quant_math import QUANT_DTYPES, dequantize_weight, merge_rounding, per_channel_scale, quantize_weight
 
 COPY, QUANTIZE, MARK = "copy", "quantize", "marker"
 

@@ -20,21 +20,24 @@ from tqdm import tqdm
 
 from x2v.convert.layouts import (
     BLOCK_SPLIT, CONFIG_WRITERS, INDEX_FILE, LAYOUTS, NAMINGS, SCALE_SPELLING, SINGLE, SINGLE_FILE, Layout, block_file,
-    index_json, shard_name, to_metadata,
+    index_json, shard_name,
 )
 from x2v.convert.options import ConversionError, ConversionResult, ConvertOptions, LoraSpec
 from x2v.convert.plan import QUANTIZE, Item, Producer, Target, encoding_target, plan_items
 from x2v.errors import CheckpointError, X2VError
-from x2v.formats.dit_keys import to_official, variant_name
+from x2v.formats.dit_keys import variant_name
 from x2v.formats.quant import (
-    ENCODINGS, FLOAT, PER_TENSOR, Encoding, detect_encoding, schemes_for, without_scales,
+    ENCODINGS, FLOAT, PER_TENSOR, Encoding, schemes_for, without_scales,
 )
-from x2v.formats.readers import FileMappings, home_block, read_checkpoint, read_pages, release_pages
+from x2v.formats.metadata import EXPERT_METADATA_KEY, EXPERTS, to_metadata
+from x2v.formats.readers import home_block
 from x2v.formats.writers import SafetensorsWriter, is_temp, publish, temp_path, write_temp_text
-from x2v.loading.dit import detect_architecture
-from x2v.loading.resolve import EXPERT_METADATA_KEY, EXPERTS, checkpoint_metadata, resolve_component, resolve_dit
-from x2v.loading.weights import build_on_meta, weight_problems
-from x2v.models.wan_dit import WanDiT, WanDiTConfig
+from x2v.loading.components import COMPONENTS
+from x2v.loading.load import Plan, plan
+from x2v.loading.resolve import checkpoint_metadata, resolve_component, resolve_dit
+from x2v.loading.weights import weight_problems
+from x2v.models.wan_dit import WanDiTConfig
+from x2v.runtime.pages import FileMappings, read_pages, release_pages
 
 # Folders of a diffusers repository that are copied whole with --copy-components (weights + their config.json).
 DIFFUSERS_COMPONENT_FOLDERS = ("text_encoder", "vae", "image_encoder")
@@ -141,13 +144,12 @@ def written_encoding(target: Target, items: list[Item]) -> Encoding:
     return Encoding(name, target.kind, target.granularity, target.scale_name, layers)
 
 
-def check_complete(tensors: dict, encoding: Encoding, cfg: WanDiTConfig, source: str) -> None:
+def check_complete(planned: Plan) -> None:
     """Refuse to convert a DiT that would not load: missing, unexpected or misshapen tensors."""
-    expected = build_on_meta(lambda: WanDiT(cfg)).state_dict()
-    problems = weight_problems(expected, without_scales(tensors, encoding), "DiT")
+    problems = weight_problems(planned.build().state_dict(), without_scales(planned.tensors, planned.encoding), "DiT")
     if problems:
-        raise CheckpointError(f"{source}: does not fit the {variant_name(cfg)} DiT its shapes describe, so its "
-                              "conversion would not load:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{planned.source}: does not fit the {variant_name(planned.architecture)} DiT its "
+                              "shapes describe, so its conversion would not load:\n  " + "\n  ".join(problems))
 
 
 def lora_deltas(job: DitJob, together: bool, tensors: dict, encoding: Encoding, cfg: WanDiTConfig,
@@ -212,10 +214,9 @@ def output_files(items: list[Item], layout: Layout, job: DitJob, shard_size: int
 
 def plan_dit(job: DitJob, layout: Layout, options: ConvertOptions, together: bool) -> DitPlan:
     source = str(job.checkpoint)
-    tensors = to_official(read_checkpoint(job.checkpoint))
-    encoding = detect_encoding(tensors, source)
-    cfg = detect_architecture(job.checkpoint, tensors)
-    check_complete(tensors, encoding, cfg, source)
+    planned = plan(COMPONENTS["dit"], job.checkpoint)  # header only: official names, architecture, encoding
+    tensors, encoding, cfg = planned.tensors, planned.encoding, planned.architecture
+    check_complete(planned)
     target = output_target(encoding, options.quantize, layout, source)
     items = plan_items(tensors, encoding, target, component="dit", dtype=options.dtype,
                        naming=NAMINGS[layout.naming])

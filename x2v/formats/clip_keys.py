@@ -18,7 +18,6 @@ import re
 
 import torch
 
-from x2v.models.clip import ClipVisionConfig
 
 OFFICIAL_PREFIX = "visual."
 HF_PROJECTION = "visual_projection.weight"
@@ -142,8 +141,9 @@ def default_num_heads(width: int) -> int:
     return width // 80 if width % 80 == 0 else width // 64
 
 
-def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None) -> ClipVisionConfig:
-    """Architecture from the shapes of ``visual.*`` tensors; ``num_heads`` overrides :func:`default_num_heads`."""
+def infer_architecture(official: dict[str, torch.Tensor], num_heads: int | None = None) -> dict[str, int]:
+    """``ClipVisionConfig`` fields read from the shapes of ``visual.*`` tensors; ``num_heads`` overrides
+    :func:`default_num_heads`."""
 
     def shape(local: str) -> torch.Size:
         if OFFICIAL_PREFIX + local not in official:
@@ -157,7 +157,7 @@ def infer_config(official: dict[str, torch.Tensor], num_heads: int | None = None
     indices = {int(m[1]) for k in official if (m := re.match(r"visual\.transformer\.(\d+)\.", k))}
     if indices != set(range(len(indices))):
         raise ValueError(f"transformer block indices are not 0..N-1: {sorted(indices)}")
-    return ClipVisionConfig(
+    return dict(
         image_size=grid * patch,
         patch_size=patch,
         width=width,

@@ -1,17 +1,18 @@
 """DiT key layouts and architecture detection, as tables and pure functions.
 
 Official (and LightX2V) names are x2v's own; ComfyUI prefixes and diffusers names are mapped to them.
-The architecture is read from tensor shapes, so no ``config.json`` is needed.
+The architecture is read from tensor shapes, so no ``config.json`` is needed; one that is there (official or
+diffusers keys) is read for what the shapes do not say (the head count) and as a cross-check.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Protocol
 
 import torch
 
 from x2v.errors import CheckpointError, UnsupportedModelError
-from x2v.models.wan_dit import WanDiTConfig
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
@@ -100,8 +101,10 @@ def _indices(keys, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
-def infer_dit_config(tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> WanDiTConfig:
-    """Architecture and model type of an official-named DiT state dict, from tensor shapes alone."""
+def infer_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
+    """``WanDiTConfig`` fields (architecture and model type) of an official-named DiT state dict, from tensor shapes
+    alone. The head count is not in the shapes: every release has head dim 128 (a ``config.json`` may say
+    otherwise, see ``config_json_fields``)."""
     keys = tensors.keys()
     if "motion_encoder.dec.direction.weight" in keys or any(k.startswith("face_adapter.") for k in keys):
         raise UnsupportedModelError(
@@ -138,7 +141,7 @@ def infer_dit_config(tensors: dict[str, torch.Tensor], source: str = "checkpoint
         model_type = "i2v"  # Wan2.2 I2V-A14B: image latent on the channels, no CLIP
     else:
         model_type = "t2v"
-    return WanDiTConfig(
+    return dict(
         model_type=model_type,
         in_dim=in_dim,
         out_dim=out_dim,
@@ -157,10 +160,18 @@ def infer_dit_config(tensors: dict[str, torch.Tensor], source: str = "checkpoint
     )
 
 
+class Architecture(Protocol):
+    """What the release names below read of a DiT's architecture (``x2v.models.wan_dit.WanDiTConfig`` has it)."""
+
+    model_type: str
+    dim: int
+    image_branch: bool
+
+
 RELEASE_SIZES = {1536: "1.3B", 3072: "5B", 5120: "14B"}  # DiT width -> the release size it belongs to
 
 
-def variant_name(cfg: WanDiTConfig) -> str:
+def variant_name(cfg: Architecture) -> str:
     """Human name of the release a config looks like, e.g. 'Wan2.1 T2V-1.3B'."""
     size = RELEASE_SIZES.get(cfg.dim, f"dim {cfg.dim}")
     if cfg.model_type == "ti2v":
@@ -170,7 +181,7 @@ def variant_name(cfg: WanDiTConfig) -> str:
     return f"Wan2.1 {cfg.model_type.upper()}-{size}"
 
 
-def supported_tasks(cfg: WanDiTConfig) -> list[str]:
+def supported_tasks(cfg: Architecture) -> list[str]:
     """Generation tasks a DiT can serve, from its architecture."""
     return {"t2v": ["t2v", "t2i"], "ti2v": ["t2v", "i2v"]}.get(cfg.model_type, [cfg.model_type])
 
@@ -184,7 +195,7 @@ TASK_NEEDS = {
 }
 
 
-def check_task(cfg: WanDiTConfig, task: str, source: str) -> None:
+def check_task(cfg: Architecture, task: str, source: str) -> None:
     """Refuse a task the weights cannot serve (e.g. i2v with T2V weights) before anything runs."""
     if task not in TASK_NEEDS:
         raise ValueError(f"unknown task {task!r}; x2v knows {', '.join(TASK_NEEDS)}")
@@ -196,31 +207,35 @@ def check_task(cfg: WanDiTConfig, task: str, source: str) -> None:
         )
 
 
-def config_from_json(raw: dict, base: WanDiTConfig) -> WanDiTConfig:
-    """Overlay the architecture keys of an official ``config.json`` on a detected config."""
-    fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len", "freq_dim", "eps")
-    values = {f: raw[f] for f in fields if f in raw}
+# config.json keys -> WanDiTConfig fields. Official (WanModel, wan-models.md's table) and diffusers
+# (WanTransformer3DModel) names; diffusers gives the width as num_attention_heads x attention_head_dim.
+OFFICIAL_CONFIG_KEYS = {k: k for k in ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len",
+                                       "text_dim", "freq_dim", "eps", "vace_in_dim")}
+DIFFUSERS_CONFIG_KEYS = {"in_channels": "in_dim", "out_channels": "out_dim", "ffn_dim": "ffn_dim",
+                         "num_attention_heads": "num_heads", "num_layers": "num_layers", "text_dim": "text_dim",
+                         "freq_dim": "freq_dim", "eps": "eps", "image_dim": "image_dim",
+                         "pos_embed_seq_len": "image_tokens", "vace_in_channels": "vace_in_dim"}
+# Fields the tensor shapes determine: a config.json that disagrees describes other weights.
+SHAPE_FIELDS = ("in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "text_dim", "freq_dim", "patch_size",
+                "image_dim", "image_tokens", "vace_in_dim")
+
+
+def is_diffusers_config(raw: dict) -> bool:
+    return "num_attention_heads" in raw or str(raw.get("_class_name", "")).endswith("Transformer3DModel")
+
+
+def config_json_fields(raw: dict) -> dict:
+    """The ``WanDiTConfig`` fields a DiT ``config.json`` states (official or diffusers keys; null values and keys
+    that are not architecture are left out). ``vace_layers`` is the one field shapes cannot give: where the VACE
+    hints go."""
+    diffusers = is_diffusers_config(raw)
+    names = DIFFUSERS_CONFIG_KEYS if diffusers else OFFICIAL_CONFIG_KEYS
+    fields = {field: raw[key] for key, field in names.items() if raw.get(key) is not None}
+    if diffusers:
+        if raw.get("num_attention_heads") is not None and raw.get("attention_head_dim") is not None:
+            fields["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
+        if raw.get("patch_size") is not None:
+            fields["patch_size"] = tuple(raw["patch_size"])
     if raw.get("vace_layers"):
-        values["vace_layers"] = tuple(raw["vace_layers"])
-    return WanDiTConfig(**{**base.__dict__, **values})
-
-
-def check_config_json(raw: dict, detected: WanDiTConfig, source: str, json_path: str) -> WanDiTConfig:
-    """Use config.json as a cross-check of the weights: a contradiction is an error naming both variants."""
-    merged = config_from_json(raw, detected)
-    shape_fields = ("in_dim", "out_dim", "dim", "ffn_dim", "num_layers", "freq_dim")
-    clashes = [f"{f}: weights {getattr(detected, f)}, config.json {getattr(merged, f)}"
-               for f in shape_fields if getattr(detected, f) != getattr(merged, f)]
-    # Where the VACE hints go is not in the shapes, only how many there are.
-    if len(merged.vace_layers) != len(detected.vace_layers):
-        clashes.append(f"vace_layers: weights have {len(detected.vace_layers)} VACE blocks, "
-                       f"config.json lists {len(merged.vace_layers)}")
-    if clashes:
-        raise CheckpointError(
-            f"{source}: the weights are a {variant_name(detected)} DiT but {json_path} describes a "
-            f"{variant_name(merged)} ({'; '.join(clashes)}). Use the config.json that came with these weights, "
-            "or remove it (x2v reads the architecture from the weights)."
-        )
-    if merged.dim % merged.num_heads:
-        raise CheckpointError(f"{json_path}: num_heads {merged.num_heads} does not divide dim {merged.dim}.")
-    return merged
+        fields["vace_layers"] = tuple(raw["vace_layers"])
+    return fields

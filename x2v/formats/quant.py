@@ -20,15 +20,12 @@ weights are dequantized, so they are dropped.
 from __future__ import annotations
 
 import re
-import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from x2v.errors import CheckpointError, UnsupportedModelError
 from x2v.formats.keys import summarize_keys
-from x2v.formats.readers import FileMappings, release_pages
 
 MARKER = "scaled_fp8"  # ComfyUI: the marker's presence means "scaled fp8 file"; its value is irrelevant here
 WEIGHT_KINDS = {torch.int8: "int8", torch.float8_e4m3fn: "fp8", torch.float8_e5m2: "fp8"}
@@ -374,137 +371,8 @@ def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: boo
         )
 
 
-def dequantize_weight(
-    q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """``q * scale`` computed in float32 (scales never rounded through bf16), cast once to ``dtype``."""
-    scale = scale.to(device=device, dtype=torch.float32)
-    # Per output channel: broadcast over every other dimension (also for conv weights); per tensor: a scalar.
-    scale = scale.reshape(-1, *[1] * (q.dim() - 1)) if scale.numel() > 1 else scale.reshape(())
-    return q.to(device).to(torch.float32).mul_(scale).to(dtype)  # moved as 1-byte values, widened on arrival
-
-
-def dequantize(
-    tensors: dict[str, torch.Tensor],
-    encoding: Encoding,
-    dtype: torch.dtype,
-    *,
-    device: torch.device | str = "cpu",
-    keep_fp32: tuple[str, ...] = (),
-    keep_quantized: frozenset[str] = frozenset(),
-) -> dict[str, torch.Tensor]:
-    """Official-named tensors ready for the model: quantized weights dequantized one at a time, scales and marker
-    removed, except the layers in ``keep_quantized``, which keep their int8/fp8 weight and get their scale as a
-    float32 per-channel ``<layer>.weight_scale`` (what ``QuantLinear`` holds).
-
-    Other tensors pass through untouched (no copy). Weights whose name contains one of ``keep_fp32`` are
-    dequantized to float32 instead of ``dtype`` (the model keeps them in float32).
-    """
-    scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
-    mappings = FileMappings()
-    result = {}
-    for key, tensor in without_scales(tensors, encoding).items():
-        layer = key.removesuffix(".weight")
-        if layer in keep_quantized:
-            result[f"{layer}.weight_scale"] = per_channel_scale(tensors[scales[key]], tensor.shape[0])
-        elif key in scales:
-            target = torch.float32 if any(s in key for s in keep_fp32) else dtype
-            pages = mappings.pages(tensor)
-            tensor = dequantize_weight(tensor, tensors[scales[key]], target, device)
-            release_pages(pages)  # the file's copy of this weight is no longer needed in memory
-        result[key] = tensor
-    return result
-
-
-def merge_rounding(key: str, kind: str, device: torch.device | str) -> torch.Generator | None:
-    """How a weight a LoRA changed is rounded back to ``kind``: fp8 stochastically (pitfall B03: small changes
-    survive on average), seeded by the tensor's name so the same files give the same weights whatever else is
-    merged; int8 to nearest (its steps are fine enough)."""
-    return torch.Generator(device).manual_seed(zlib.crc32(key.encode())) if kind == "fp8" else None
-
-
-def quantize_layers(
-    tensors: dict[str, torch.Tensor], layers: list[str], kind: str, *, device: torch.device | str = "cpu",
-    delta: Callable[[str, torch.device], torch.Tensor | None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Float official-named tensors with the weights of ``layers`` quantized per output channel (one at a time,
-    on ``device``, each source weight's pages released after): ``<layer>.weight`` + ``<layer>.weight_scale``.
-    ``delta(key, device)`` (a LoRA's float32 change, or None) is added before quantizing."""
-    mappings = FileMappings()
-    result = dict(tensors)
-    for layer in layers:
-        key = f"{layer}.weight"
-        weight = tensors[key].to(device)
-        pages = mappings.pages(tensors[key])
-        change = delta(key, weight.device) if delta else None
-        if change is None:
-            result[key], result[f"{layer}.weight_scale"] = quantize_weight(weight, kind)
-        else:
-            result[key], result[f"{layer}.weight_scale"] = quantize_weight(
-                change.add_(weight.float()), kind, generator=merge_rounding(key, kind, weight.device))
-        release_pages(pages)
-    return result
-
-
-# --- quantizing ---------------------------------------------------------------------------------------------------
-
-QUANT_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
-QMAX = {"int8": 127.0, "fp8": 448.0}  # symmetric range of each weight kind
-MIN_AMAX = 1e-5  # LightX2V's floor for an all-zero row
-
-
 def scheme_kind(scheme: str | None, component: str = "dit") -> str | None:
     """``"int8"`` / ``"fp8"`` for a per-channel ``<component>_quant_scheme`` (legacy names too), None for
     Default/None/unknown."""
     family = scheme_families(component).get(LEGACY_SCHEMES.get(scheme, scheme)) if scheme else None
     return family[0] if family else None
-
-
-def _round_stochastic(values: torch.Tensor, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Round each value up or down to a neighbour on the ``kind`` grid, with probability by distance: the expected
-    result is the value itself, so small additions (a LoRA merged into fp8 weights) survive on average."""
-    noise = torch.rand(values.shape, generator=generator, device=generator.device).to(values.device)
-    if kind == "int8":
-        return torch.floor(values + noise).clamp_(-128, 127).to(torch.int8)
-    nearest = values.to(torch.float8_e4m3fn)
-    # The other neighbour: one step of the fp8 grid towards the value (bit patterns are sign + magnitude).
-    bits = nearest.view(torch.uint8).to(torch.int16)
-    negative, magnitude = bits >= 128, bits & 0x7F
-    toward_up = values > nearest.float()
-    step_away_from_zero = toward_up != negative
-    magnitude = torch.where(step_away_from_zero, magnitude + 1, magnitude - 1)
-    crosses_zero = magnitude < 0  # stepping below zero lands on the smallest value of the other sign
-    negative = torch.where(crosses_zero, ~negative, negative)
-    magnitude = torch.where(crosses_zero, 1, magnitude)
-    other = (magnitude + negative * 128).to(torch.uint8).view(torch.float8_e4m3fn)
-    near, far = nearest.float(), other.float()
-    gap = (far - near).abs()
-    take_far = (values != near) & (noise * gap < (values - near).abs())
-    return torch.where(take_far, other, nearest)
-
-
-def quantize_weight(
-    weight: torch.Tensor, kind: str, *, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LightX2V per-output-channel symmetric quantization: ``(q [out, in] int8/fp8, scale [out, 1] float32)``.
-
-    ``scale = max(amax(|row|), 1e-5) / qmax``; values are rounded to nearest, or stochastically when a
-    ``generator`` is given. Computed in float32 on the weight's device.
-    """
-    if kind not in QMAX:
-        raise ValueError(f"unknown weight kind {kind!r}; expected one of {', '.join(QMAX)}")
-    rows = weight.float().reshape(weight.shape[0], -1)
-    scale = rows.abs().amax(dim=1, keepdim=True).clamp_(min=MIN_AMAX) / QMAX[kind]
-    values = (rows / scale).clamp_(-QMAX[kind], QMAX[kind])
-    if generator is not None:
-        q = _round_stochastic(values, kind, generator)
-    elif kind == "int8":
-        q = values.round_().to(torch.int8)
-    else:
-        q = values.to(torch.float8_e4m3fn)  # round to nearest even
-    return q.reshape(weight.shape), scale
-
-
-def per_channel_scale(scale: torch.Tensor, out_channels: int) -> torch.Tensor:
-    """Any stored weight scale (per tensor or ``[out, 1]``) as a float32 ``[out, 1]`` per-channel scale."""
-    return scale.to(torch.float32).reshape(-1, 1).expand(out_channels, 1).contiguous()

@@ -14,8 +14,7 @@ import torch
 
 from x2v.errors import CheckpointError
 from x2v.formats.quant import SCALE_NAMES
-from x2v.loading.weights import summarize_keys
-from x2v.models.t5 import T5EncoderConfig
+from x2v.formats.keys import summarize_keys
 
 Layout = Literal["official", "hf"]
 
@@ -114,8 +113,9 @@ def to_official(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torc
     return tensors if detect_layout(tensors, source) == "official" else hf_to_official(tensors)
 
 
-def infer_config(tensors: dict[str, torch.Tensor], source: str) -> T5EncoderConfig:
-    """Architecture from the shapes of an official-named state dict (max_distance and eps are not stored: defaults)."""
+def infer_architecture(tensors: dict[str, torch.Tensor], source: str) -> dict[str, int]:
+    """``T5EncoderConfig`` fields read from the shapes of an official-named state dict (max_distance and eps are
+    not stored: the config's defaults)."""
     required = ("token_embedding.weight", "blocks.0.attn.q.weight", "blocks.0.ffn.fc1.weight",
                 "blocks.0.pos_embedding.embedding.weight")
     missing = [name for name in required if name not in tensors]
@@ -136,12 +136,5 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> T5EncoderConf
             f"{source}: attention width {dim_attn} (blocks.0.attn.q.weight) is not a multiple of the "
             f"{num_heads} heads of the relative-position table; the file is not a valid umT5 encoder."
         )
-    return T5EncoderConfig(
-        vocab=vocab,
-        dim=dim,
-        dim_attn=dim_attn,
-        dim_ffn=tensors["blocks.0.ffn.fc1.weight"].shape[0],
-        num_heads=num_heads,
-        num_layers=len(indices),
-        num_buckets=num_buckets,
-    )
+    return dict(vocab=vocab, dim=dim, dim_attn=dim_attn, dim_ffn=tensors["blocks.0.ffn.fc1.weight"].shape[0],
+                num_heads=num_heads, num_layers=len(indices), num_buckets=num_buckets)

@@ -21,9 +21,7 @@ from typing import Literal
 import torch
 
 from x2v.errors import CheckpointError
-from x2v.loading.weights import summarize_keys
-from x2v.models.vae import Wan21VAEConfig
-from x2v.models.vae22 import Wan22VAEConfig
+from x2v.formats.keys import summarize_keys
 
 Layout = Literal["official", "diffusers"]
 Version = Literal["2.1", "2.2"]
@@ -166,8 +164,9 @@ def detect_version(tensors: dict[str, torch.Tensor]) -> Version:
     return "2.2" if OFFICIAL_WAN22_MARKER in tensors else "2.1"
 
 
-def infer_config(tensors: dict[str, torch.Tensor], source: str) -> Wan21VAEConfig | Wan22VAEConfig:
-    """Architecture from an official-named state dict; the loader then checks every shape against it."""
+def infer_architecture(tensors: dict[str, torch.Tensor], source: str) -> dict:
+    """The fields of ``Wan21VAEConfig`` or, for a Wan2.2 VAE (``detect_version``), ``Wan22VAEConfig``, read from an
+    official-named state dict; the loader then checks every shape against them."""
 
     def shape(name: str) -> torch.Size:
         if name not in tensors:
@@ -179,7 +178,7 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> Wan21VAEConfi
     if detect_version(tensors) == "2.2":
         levels = indices(tensors, r"encoder\.downsamples\.(\d+)\.")
         num_res_blocks = len(indices(tensors, r"encoder\.downsamples\.0\.downsamples\.(\d+)\.residual\."))
-        return Wan22VAEConfig(
+        return dict(
             dim=dim,
             decoder_dim=shape("decoder.head.2.weight")[1],
             z_dim=z_dim,
@@ -206,7 +205,7 @@ def infer_config(tensors: dict[str, torch.Tensor], source: str) -> Wan21VAEConfi
             f"{source}: the encoder levels hold {[len(w) for w in level_widths]} residual blocks; a Wan2.1 VAE has the "
             "same number (2 in the release) in every level. The file is incomplete or not a Wan VAE."
         )
-    return Wan21VAEConfig(
+    return dict(
         dim=dim,
         z_dim=z_dim,
         dim_mult=tuple(widths[-1] // dim for widths in level_widths),

@@ -1,26 +1,18 @@
-"""Load a Wan DiT from a model directory, a DiT sub-directory or a checkpoint file."""
+"""Load a Wan DiT from a model folder, a DiT folder or a checkpoint file: the component recipe
+(``x2v.loading.load``) plus what only the DiT has, Wan2.2's two experts and LoRAs."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 
 from x2v.errors import CheckpointError
-from x2v.formats import jsonc
-from x2v.formats.dit_keys import check_config_json, infer_dit_config, to_official
-from x2v.formats.keys import summarize_keys
-from x2v.formats.readers import read_checkpoint
-from x2v.loading.lora import (
-    apply_loras, describe_model, entries_for_expert, merge_deltas, prepare_loras, target_shapes,
-)
-from x2v.loading.quantized import prepare_quantized, read_quantization
-from x2v.loading.resolve import resolve_dit
-from x2v.loading.weights import assign_weights, build_on_meta
-from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig
-
-log = logging.getLogger(__name__)
+from x2v.loading.components import COMPONENTS
+from x2v.loading.load import Plan, materialize, plan
+from x2v.loading.lora import apply_loras, describe_model, entries_for_expert, merge_deltas, prepare_loras, target_shapes
+from x2v.loading.resolve import Quantization, resolve_dit
+from x2v.models.wan_dit import WanDiT, WanDiTConfig
 
 
 def find_dit(path: Path, expert: str | None) -> Path:
@@ -36,26 +28,6 @@ def find_dit(path: Path, expert: str | None) -> Path:
             "(or the expert's folder)."
         )
     return found["dit"].path
-
-
-def read_config_json(checkpoint: Path) -> tuple[dict | None, Path | None]:
-    """The ``config.json`` beside a DiT file (or inside a block-split folder), if any."""
-    path = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
-    if not path.is_file():
-        return None, None
-    return jsonc.load(path), path
-
-
-def detect_architecture(checkpoint: Path, tensors: dict[str, torch.Tensor]) -> WanDiTConfig:
-    """The architecture read from the (official-named) tensors, cross-checked with the config.json beside them."""
-    config = infer_dit_config(tensors, source=str(checkpoint))
-    raw, json_path = read_config_json(checkpoint)
-    return config if raw is None else check_config_json(raw, config, str(checkpoint), str(json_path))
-
-
-def default_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The checkpoint's own dtype, read from its largest kind of tensor (block linear weights)."""
-    return tensors["blocks.0.self_attn.q.weight"].dtype
 
 
 def load_dit(
@@ -88,46 +60,38 @@ def load_dit(
     attached at run time with ``lora_dynamic_apply`` (``x2v.loading.lora``); a Wan2.2 ``expert`` takes the entries
     naming it. ``lora_strict``: a LoRA key that changes nothing is an error. Reports: ``load_info["loras"]``.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory.")
     checkpoint = find_dit(path, expert) if path.is_dir() else path
-    source = str(checkpoint)
-    tensors = to_official(read_checkpoint(checkpoint))
-    config = architecture or detect_architecture(checkpoint, tensors)
-    encoding, quantize_kind = read_quantization(tensors, source, "dit", dit_quantized, quant_scheme)
-    if encoding.quantized:
-        dtype = dtype or torch.bfloat16
-        log.info("%s: %s weights (%s), run quantized with %s compute.", source, encoding.family, encoding.name, dtype)
-        if encoding.unusual_layers:
-            log.info("%s: also quantizes layers released files keep in high precision: %s.",
-                     source, summarize_keys(f"{layer}.weight" for layer in encoding.unusual_layers))
-    elif quantize_kind:
-        log.info("%s: float weights quantized to %s per output channel at load (dit_quant_scheme %s).",
-                 source, quantize_kind, quant_scheme)
-    dtype = dtype or (torch.bfloat16 if quantize_kind else default_dtype(tensors))
-    model = build_on_meta(lambda: WanDiT(config))
+    planned = plan(COMPONENTS["dit"], checkpoint, Quantization(dit_quantized, quant_scheme), architecture=architecture)
+    return finish_dit(planned, dtype=dtype, device=device, expert=expert, lora_configs=lora_configs,
+                      lora_dynamic_apply=lora_dynamic_apply, lora_strict=lora_strict)
+
+
+def finish_dit(planned: Plan, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               expert: str | None = None, lora_configs: list | tuple | None = None, lora_dynamic_apply: bool = False,
+               lora_strict: bool = False) -> WanDiT:
+    """The DiT ``planned`` describes (``x2v.loading.load.plan``), loaded, with its LoRAs (see ``load_dit``)."""
     deltas, merged = None, set()
-    if lora_configs and quantize_kind and not lora_dynamic_apply:
+    if lora_configs and planned.quantize_kind and not lora_dynamic_apply:
         # Quantizing at load: the LoRAs go into the float weights before they are rounded to 8 bits.
-        deltas, reports = prepare_loras(entries_for_expert(lora_configs, expert), target_shapes(model),
-                                        strict=lora_strict, model_description=describe_model(model, expert))
+        meta = planned.build()
+        deltas, reports = prepare_loras(entries_for_expert(lora_configs, expert), target_shapes(meta),
+                                        strict=lora_strict, model_description=describe_model(meta, expert))
 
     def delta_before_quantizing(key: str, on: torch.device) -> torch.Tensor | None:
         merged.add(key)
         return deltas.delta(key, on)
 
-    tensors = prepare_quantized(model, tensors, encoding, quantize_kind=quantize_kind, component="dit", dtype=dtype,
-                                device=device, keep_fp32=FP32_PARAMS, delta=delta_before_quantizing if deltas else None)
-    model = assign_weights(
-        model, tensors, dtype=dtype, device=device, keep_fp32=FP32_PARAMS, source=source,
-        what=f"{config.model_type} DiT (dim {config.dim}, {config.num_layers} layers)",
-    )
-    model.load_info = {"encoding": encoding.name, "source": source, "quantized": encoding.weight_kind or quantize_kind}
+    model = materialize(planned, dtype=dtype, device=device, delta=delta_before_quantizing if deltas else None)
+    encoding = planned.encoding
+    model.load_info = {"encoding": encoding.name, "source": planned.source,
+                       "quantized": encoding.weight_kind or planned.quantize_kind}
     if deltas:
         merge_deltas(model, deltas, skip=merged)
         model.load_info["loras"] = reports
     elif lora_configs:
-        model.load_info["loras"] = apply_loras(model, lora_configs, dynamic=lora_dynamic_apply, strict=lora_strict,
-                                               expert=expert)
+        model.load_info["loras"] = apply_loras(model, list(lora_configs), dynamic=lora_dynamic_apply,
+                                               strict=lora_strict, expert=expert)
     return model

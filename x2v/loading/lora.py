@@ -19,13 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from x2v.errors import CheckpointError
 from x2v.formats.dit_keys import variant_name
@@ -33,15 +31,18 @@ from x2v.formats.lora_keys import (
     ALPHA, LONE_ALPHA, UNRECOGNIZED, LoraTarget, alpha_value, check_supported, describe_skipped, group_by_target,
     guess_variant, shape_problem, skip_reason,
 )
-from x2v.formats.quant import merge_rounding, quantize_weight
-from x2v.formats.readers import FileMappings, read_checkpoint, release_pages
-from x2v.loading.resolve import EXPERTS
+from x2v.formats.metadata import EXPERTS
+from x2v.formats.readers import read_checkpoint
 from x2v.models.wan_dit import WanDiTConfig
-from x2v.ops.quant_linear import QuantLinear, input_dtype
+from x2v.runtime.lora_branches import (
+    ATTACHED, Term, add_delta, attach_terms, attached_loras, detach_loras, owner, set_lora_strength,
+)
+from x2v.runtime.pages import FileMappings, release_pages
 
 log = logging.getLogger(__name__)
 
-ATTACHED = "lora_attached"  # model attribute holding the state of LoRAs attached at run time
+__all__ = ["LoraEntry", "LoraReport", "apply_loras", "attach_loras", "attached_loras", "detach_loras", "merge_loras",
+           "prepare_loras", "set_lora_strength"]
 
 
 @dataclass
@@ -106,35 +107,6 @@ class LoraReport:
         lines += [f"  {line}" for line in describe_skipped(self.skipped)]
         lines.append(f"  seems made for: {self.made_for}")
         return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class Term:
-    """One LoRA's change to one tensor: ``strength · unit · up @ down`` (a pair; ``unit`` = alpha / rank or 1) or
-    ``strength · diff``. ``lora`` is the file it comes from."""
-
-    strength: float
-    unit: float = 1.0
-    up: torch.Tensor | None = None
-    down: torch.Tensor | None = None
-    diff: torch.Tensor | None = None
-    lora: str = ""
-
-    @property
-    def scale(self) -> float:
-        return self.strength * self.unit
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def value(self, shape: torch.Size, device) -> torch.Tensor:
-        """The change in float32 on ``device`` (a fresh tensor)."""
-        if self.diff is not None:
-            return self.diff.to(device=device, dtype=torch.float32) * self.scale
-        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
-        product = up @ self.down.to(device=device, dtype=torch.float32).flatten(1)
-        return (product * self.scale).reshape(shape)
 
 
 class LoraDeltas:
@@ -274,28 +246,6 @@ def describe_model(model: nn.Module, expert: str | None = None) -> str:
     return f"Wan2.2 {config.model_type.upper()} expert ({expert})" if expert else variant_name(config)
 
 
-def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str]:
-    module_name, _, name = key.rpartition(".")
-    return model.get_submodule(module_name), name
-
-
-def _add_delta(module: nn.Module, name: str, delta: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-    """Replace ``module.<name>`` by itself + ``delta`` (float32 sum, cast once); returns the replaced tensors.
-
-    Never writes into the old tensor: it may be a view of the checkpoint file, and it is what a detach restores.
-    """
-    if isinstance(module, QuantLinear) and name == "weight":
-        replaced = {"weight": module.weight.data, "weight_scale": module.weight_scale}
-        weight = module.dequantized_weight(torch.float32).add_(delta)
-        generator = merge_rounding(key, module.kind, weight.device)
-        module.weight.data, module.weight_scale = quantize_weight(weight, module.kind, generator=generator)
-        return replaced
-    tensor = getattr(module, name)
-    original = tensor.data
-    tensor.data = delta.add_(original).to(original.dtype)
-    return {name: original}
-
-
 def merge_loras(model: nn.Module, entries: list, *, strict: bool = False,
                 description: str | None = None) -> list[LoraReport]:
     """Merge LoRAs into ``model``'s weights in place, one tensor at a time on the tensor's own device."""
@@ -311,152 +261,22 @@ def merge_deltas(model: nn.Module, deltas: LoraDeltas, skip: set[str] = frozense
     """Add prepared LoRA changes to ``model``'s tensors (except ``skip``, merged already), one at a time."""
     mappings = FileMappings()
     for key in (k for k in model.state_dict() if k in deltas.keys() and k not in skip):  # sequential reads
-        module, name = _owner(model, key)
+        module, name = owner(model, key)
         # Passed on, not kept: each delta is freed before the next one is computed.
-        replaced = _add_delta(module, name, deltas.delta(key, getattr(module, name).device), key)
+        replaced = add_delta(module, name, deltas.delta(key, getattr(module, name).device), key)
         for original in replaced.values():
             release_pages(mappings.pages(original))  # the file's copy of this tensor is no longer needed
 
 
-class LoraBranch(nn.Module):
-    """The low-rank update of one linear layer for every attached LoRA: ``((x @ downᵀ) · scales) @ upᵀ``.
-
-    The ranks of all LoRAs are stacked, so several LoRAs cost one pair of small matmuls. ``scales`` (strength ·
-    alpha / rank per rank row, float32) is a tensor written in place by ``set_strength``, so changing a strength
-    never recompiles a compiled model. Buffers are not persistent: the model's state dict stays the base model's.
-    """
-
-    def __init__(self, pairs: list[Term], device: torch.device, dtype: torch.dtype):
-        super().__init__()
-        self.register_buffer("down", torch.cat([t.down.to(device, dtype) for t in pairs]), persistent=False)
-        self.register_buffer("up", torch.cat([t.up.to(device, dtype) for t in pairs], dim=1), persistent=False)
-        self.register_buffer("scales", torch.cat([torch.full((t.rank,), t.scale, dtype=torch.float32, device=device)
-                                                  for t in pairs]), persistent=False)
-        self.pairs = pairs  # which rows are whose: the terms in row order
-
-    def set_strength(self, lora: str, strength: float) -> None:
-        row = 0
-        for i, term in enumerate(self.pairs):
-            if term.lora == lora:
-                self.pairs[i] = term = replace(term, strength=strength)
-                self.scales[row:row + term.rank].fill_(term.scale)
-            row += term.rank
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(x.to(self.down.dtype), self.down)
-        return F.linear((hidden.float() * self.scales).to(self.up.dtype), self.up)
-
-
-def _add_branch(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output + module.lora_branch(args[0]).to(output.dtype)
-
-
-TensorRef = tuple[nn.Module, str]  # a parameter or buffer by owner and name
-
-
-@dataclass
-class AttachedLoras:
-    """What ``attach_loras`` changed in a model, so ``set_lora_strength`` and ``detach_loras`` can redo or undo it."""
-
-    reports: list[LoraReport] = field(default_factory=list)
-    hooks: dict[nn.Module, RemovableHandle] = field(default_factory=dict)  # layers with a LoraBranch
-    originals: dict[TensorRef, torch.Tensor] = field(default_factory=dict)  # before the first LoRA
-    replaced: dict[str, list[Term]] = field(default_factory=dict)  # official key -> changes made to the tensor itself
-
-
-def _extend_branch(module: nn.Module, pairs: list[Term], state: AttachedLoras) -> None:
-    old = getattr(module, "lora_branch", None)
-    if old is None:
-        state.hooks[module] = module.register_forward_hook(_add_branch)
-    module.lora_branch = LoraBranch((old.pairs if old else []) + pairs, module.weight.device, input_dtype(module))
-
-
-def _restore(module: nn.Module, name: str, original: torch.Tensor) -> None:
-    current = getattr(module, name)
-    restored = original.to(current.device)  # the model may have moved since
-    if isinstance(current, nn.Parameter):
-        current.data = restored
-    else:
-        setattr(module, name, restored)
-
-
-def _replace(model: nn.Module, key: str, state: AttachedLoras) -> None:
-    """Set the tensor ``key`` to its original plus every term of ``state.replaced[key]`` (originals kept)."""
-    module, name = _owner(model, key)
-    terms = state.replaced[key]
-    for ref in [(module, name), (module, "weight_scale")]:  # an 8-bit weight comes with its scale
-        if ref in state.originals:
-            _restore(*ref, state.originals[ref])
-    tensor = getattr(module, name)
-    total = terms[0].value(tensor.shape, tensor.device)
-    for term in terms[1:]:
-        total += term.value(tensor.shape, tensor.device)
-    for replaced, original in _add_delta(module, name, total, key).items():
-        state.originals.setdefault((module, replaced), original)
-
-
 def attach_loras(model: nn.Module, entries: list, *, strict: bool = False,
                  description: str | None = None) -> list[LoraReport]:
-    """Add LoRAs at run time, on top of any already attached; the base weights stay as they are.
-
-    Pairs on linear layers become a ``LoraBranch``; other changes (diffs, pairs on other layers) replace their
-    tensor with the original kept for ``detach_loras``.
-    """
+    """Add LoRAs at run time, on top of any already attached; the base weights stay as they are
+    (``x2v.runtime.lora_branches``)."""
     shapes = target_shapes(model)
     deltas, reports = prepare_loras(entries, shapes, strict=strict, model_description=description or
                                     describe_model(model))
-    state = getattr(model, ATTACHED, None) or AttachedLoras()
-    changed = deltas.keys()
-    for key in (k for k in shapes if k in changed):
-        module, name = _owner(model, key)
-        branchable = name == "weight" and isinstance(module, (nn.Linear, QuantLinear))
-        pairs = deltas.pairs(key) if branchable else []
-        if pairs:
-            _extend_branch(module, pairs, state)
-        rest = [t for t in deltas.terms(key) if not (branchable and t.diff is None)]
-        if rest:
-            state.replaced.setdefault(key, []).extend(rest)
-            _replace(model, key, state)
-    state.reports += reports
-    setattr(model, ATTACHED, state)
+    attach_terms(model, {key: deltas.terms(key) for key in deltas.keys()}, reports)
     return reports
-
-
-def set_lora_strength(model: nn.Module, lora: str | os.PathLike, strength: float) -> None:
-    """Change the strength of a LoRA attached at run time, without reloading or recompiling anything."""
-    state = getattr(model, ATTACHED, None)
-    reports = [r for r in state.reports if r.path == str(lora)] if state else []
-    if not reports:
-        raise ValueError(f"{lora}: not attached at run time to this model (attach_loras / Pipeline.load_lora first)")
-    if any(r.strength == 0 for r in reports):
-        raise ValueError(f"{lora}: attached with strength 0, which attaches nothing; detach and attach it with a "
-                         "non-zero strength")
-    for module in state.hooks:
-        module.lora_branch.set_strength(str(lora), strength)
-    for key, terms in state.replaced.items():
-        if any(t.lora == str(lora) for t in terms):
-            terms[:] = [replace(t, strength=strength) if t.lora == str(lora) else t for t in terms]
-            _replace(model, key, state)
-    for report in reports:
-        report.strength = strength
-
-
-def detach_loras(model: nn.Module) -> None:
-    """Remove every LoRA attached at run time: branches and hooks gone, replaced tensors restored bit for bit."""
-    state = getattr(model, ATTACHED, None)
-    if state is None:
-        return
-    for module, hook in state.hooks.items():
-        hook.remove()
-        del module.lora_branch
-    for (module, name), original in state.originals.items():
-        _restore(module, name, original)
-    delattr(model, ATTACHED)
-
-
-def attached_loras(model: nn.Module) -> list[LoraReport]:
-    state = getattr(model, ATTACHED, None)
-    return list(state.reports) if state else []
 
 
 def entries_for_expert(entries: list, expert: str | None) -> list[LoraEntry]:

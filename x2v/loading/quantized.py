@@ -7,11 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from x2v.formats.quant import (
-    QUANT_DTYPES, Encoding, check_scheme, dequantize, detect_encoding, quantize_layers, quantized_in_releases,
-    scheme_kind,
-)
+from x2v.formats.quant import Encoding, check_scheme, detect_encoding, quantized_in_releases, scheme_kind, without_scales
 from x2v.ops.quant_linear import replace_linears
+from x2v.ops.quant_math import QUANT_DTYPES, dequantize_weight, merge_rounding, per_channel_scale, quantize_weight
+from x2v.runtime.pages import FileMappings, release_pages
 
 
 def read_quantization(tensors: dict[str, torch.Tensor], source: str, component: str, quantized: bool | None,
@@ -68,3 +67,58 @@ def prepare_quantized(
         tensors = quantize_layers(tensors, layers, kind, device=device, delta=delta)
     replace_linears(model, layers, kind, dtype)
     return tensors
+
+
+def dequantize(
+    tensors: dict[str, torch.Tensor],
+    encoding: Encoding,
+    dtype: torch.dtype,
+    *,
+    device: torch.device | str = "cpu",
+    keep_fp32: tuple[str, ...] = (),
+    keep_quantized: frozenset[str] = frozenset(),
+) -> dict[str, torch.Tensor]:
+    """Official-named tensors ready for the model: quantized weights dequantized one at a time, scales and marker
+    removed, except the layers in ``keep_quantized``, which keep their int8/fp8 weight and get their scale as a
+    float32 per-channel ``<layer>.weight_scale`` (what ``QuantLinear`` holds).
+
+    Other tensors pass through untouched (no copy). Weights whose name contains one of ``keep_fp32`` are
+    dequantized to float32 instead of ``dtype`` (the model keeps them in float32).
+    """
+    scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
+    mappings = FileMappings()
+    result = {}
+    for key, tensor in without_scales(tensors, encoding).items():
+        layer = key.removesuffix(".weight")
+        if layer in keep_quantized:
+            result[f"{layer}.weight_scale"] = per_channel_scale(tensors[scales[key]], tensor.shape[0])
+        elif key in scales:
+            target = torch.float32 if any(s in key for s in keep_fp32) else dtype
+            pages = mappings.pages(tensor)
+            tensor = dequantize_weight(tensor, tensors[scales[key]], target, device)
+            release_pages(pages)  # the file's copy of this weight is no longer needed in memory
+        result[key] = tensor
+    return result
+
+
+def quantize_layers(
+    tensors: dict[str, torch.Tensor], layers: list[str], kind: str, *, device: torch.device | str = "cpu",
+    delta: Callable[[str, torch.device], torch.Tensor | None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Float official-named tensors with the weights of ``layers`` quantized per output channel (one at a time,
+    on ``device``, each source weight's pages released after): ``<layer>.weight`` + ``<layer>.weight_scale``.
+    ``delta(key, device)`` (a LoRA's float32 change, or None) is added before quantizing."""
+    mappings = FileMappings()
+    result = dict(tensors)
+    for layer in layers:
+        key = f"{layer}.weight"
+        weight = tensors[key].to(device)
+        pages = mappings.pages(tensors[key])
+        change = delta(key, weight.device) if delta else None
+        if change is None:
+            result[key], result[f"{layer}.weight_scale"] = quantize_weight(weight, kind)
+        else:
+            result[key], result[f"{layer}.weight_scale"] = quantize_weight(
+                change.add_(weight.float()), kind, generator=merge_rounding(key, kind, weight.device))
+        release_pages(pages)
+    return result

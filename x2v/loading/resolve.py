@@ -9,23 +9,59 @@ Every answer records how it was found, so ``x2v inspect`` and the logs can say i
 
 from __future__ import annotations
 
-import importlib
 import json
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from x2v.errors import CheckpointError
+from x2v.formats.metadata import EXPERT_METADATA_KEY, EXPERT_SHORT, EXPERTS, LOW_NOISE as LOW
 from x2v.formats.quant import scheme_kind
 from x2v.formats.readers import read_safetensors_header, safetensors_metadata
+from x2v.loading.components import COMPONENTS, EXPERT_FILE_KEYS, Component, config_json_beside
 
-EXPERTS = ("high_noise_model", "low_noise_model")
-EXPERT_SHORT = {"high_noise_model": "high_noise", "low_noise_model": "low_noise"}
-# x2v's converter records the expert here; the weights alone cannot tell the two experts apart.
-EXPERT_METADATA_KEY = "wan_expert"
 OFFICIAL_DIT_STEM = "diffusion_pytorch_model"
 # LightX2V's hub layout before Oct 2025; still on users' disks.
 LEGACY_DIT_FOLDERS = ("original", "fp8", "int8", "distill_models", "distill_fp8", "distill_int8")
-MOE_MODEL_CLASSES = ("wan2.2_moe", "wan2.2_moe_distill")
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """A component's ``<name>_quantized`` / ``<name>_quant_scheme`` (None: not set, the file decides)."""
+
+    quantized: bool | None = None
+    scheme: str | None = None
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What the settings say about the files: paths named by LightX2V's keys (``dit_original_ckpt``, ``vae_path``,
+    ...), each component's quantization, whether the model class has two experts, and where each value was set
+    (for messages: "flag --model_path", "config key vae_path in my.json")."""
+
+    files: Mapping[str, Path] = field(default_factory=dict)
+    quantization: Mapping[str, Quantization] = field(default_factory=dict)
+    two_experts: bool = False
+    origins: Mapping[str, str] = field(default_factory=dict)
+
+    def origin(self, key: str) -> str:
+        return self.origins.get(key, f"config key {key}")
+
+    def quant(self, component: str) -> Quantization:
+        return self.quantization.get(component, Quantization())
+
+    def file(self, key: str) -> Path | None:
+        """The path set for ``key``, which must exist; None when the key is not set."""
+        path = self.files.get(key)
+        if path is not None and not Path(path).expanduser().exists():
+            raise CheckpointError(f"{path}: not found (set by {self.origin(key)}). Fix the path or remove the key.")
+        return None if path is None else Path(path).expanduser()
+
+    def ordered_keys(self, component: str, keys: tuple[str, ...]) -> tuple[str, ...]:
+        """``(original, quantized)`` keys in the order they are tried: the quantized one first when
+        ``<component>_quantized`` is true."""
+        return keys[::-1] if self.quant(component).quantized and len(keys) == 2 else keys
 
 
 @dataclass(frozen=True)
@@ -50,10 +86,10 @@ def one_candidate(directory: Path, candidates: list[Path], what: str, looked_for
                           f"or merge them. Set the config key {config_key} to the one you want.")
 
 
-def _existing(path: str | Path, key: str) -> Path:
-    path = Path(path).expanduser()
+def model_folder(model_path: str | Path, sources: Sources) -> Path:
+    path = Path(model_path).expanduser()
     if not path.exists():
-        raise CheckpointError(f"{path}: not found (set by config key {key}). Fix the path or remove the key.")
+        raise CheckpointError(f"{path}: not found (set by {sources.origin('model_path')}). Fix the path.")
     return path
 
 
@@ -113,10 +149,8 @@ def tagged_experts(directory: Path) -> dict[Path, str]:
     return {p: tag for p, tag in tags.items() if tag in EXPERTS}
 
 
-def is_moe(model_path: Path, config: dict) -> bool:
-    if config.get("model_cls") in MOE_MODEL_CLASSES:
-        return True
-    if any(config.get(f"{short}_{kind}_ckpt") for short in EXPERT_SHORT.values() for kind in ("original", "quantized")):
+def is_moe(model_path: Path, sources: Sources) -> bool:
+    if sources.two_experts or any(key in sources.files for key in EXPERT_FILE_KEYS):
         return True
     return model_path.is_dir() and (
         all((model_path / e).is_dir() for e in EXPERTS) or (model_path / "transformer_2").is_dir()
@@ -124,23 +158,29 @@ def is_moe(model_path: Path, config: dict) -> bool:
     )
 
 
-def resolve_expert(model_path: Path, config: dict, expert: str) -> Found:
+def explicit(sources: Sources, component: str, keys: tuple[str, ...], choose: str) -> Found | None:
+    """The DiT a config key names (``keys``: original, quantized), if one does."""
+    for key in sources.ordered_keys(component, keys):
+        path = sources.file(key)
+        if path is not None:
+            return _dit_at(path, sources.origin(key), choose)
+    return None
+
+
+def resolve_expert(model_path: Path, sources: Sources, expert: str) -> Found:
     """One Wan2.2 expert, by the same rule for both: explicit key > expert folder > recorded metadata."""
     short = EXPERT_SHORT[expert]
-    keys = (f"{short}_quantized_ckpt", f"{short}_original_ckpt")
-    if not config.get("dit_quantized"):
-        keys = keys[::-1]
+    keys = (f"{short}_original_ckpt", f"{short}_quantized_ckpt")
     choose = f"{short}_original_ckpt (or {short}_quantized_ckpt)"
-    for key in keys:
-        if config.get(key):
-            return _dit_at(_existing(config[key], key), f"config key {key}", choose)
+    found = explicit(sources, "dit", keys, choose)
+    if found:
+        return found
     diffusers_folder = {"high_noise_model": "transformer", "low_noise_model": "transformer_2"}[expert]
     for folder, how in ((model_path / expert, f"the {expert}/ folder"),
                         (model_path / "distill_models" / expert, f"the legacy distill_models/{expert}/ folder"),
                         (model_path / diffusers_folder, f"diffusers {diffusers_folder}/ ({expert})")):
         if folder.is_dir():
-            found = find_dit_file(folder, choose)
-            return Found(found.path, how)
+            return Found(find_dit_file(folder, choose).path, how)
     tagged = [p for p, tag in tagged_experts(model_path).items() if tag == expert]
     if len(tagged) == 1:
         return Found(tagged[0], f"file metadata {EXPERT_METADATA_KEY}={expert}")
@@ -151,26 +191,25 @@ def resolve_expert(model_path: Path, config: dict, expert: str) -> Found:
     )
 
 
-def resolve_dit(model_path: str | Path, config: dict | None = None) -> dict[str, Found]:
+def resolve_dit(model_path: str | Path, sources: Sources = Sources()) -> dict[str, Found]:
     """``{"dit": Found}``, or ``{"high_noise_model": ..., "low_noise_model": ...}`` for Wan2.2 A14B."""
-    config = config or {}
-    model_path = Path(model_path)
-    if is_moe(model_path, config):
-        for key in ("dit_original_ckpt", "dit_quantized_ckpt"):
-            if config.get(key):
+    model_path = Path(model_path).expanduser()
+    keys = COMPONENTS["dit"].file_keys
+    if is_moe(model_path, sources):
+        for key in keys:
+            if key in sources.files:
                 # One path cannot be both experts (pitfall A11): refuse instead of loading it twice.
+                kind = key.split("_")[1]
                 raise CheckpointError(
-                    f"config key {key} names one DiT, but this is a two-expert Wan2.2 model. Use "
-                    f"high_noise_{key.split('_')[1]}_ckpt and low_noise_{key.split('_')[1]}_ckpt instead."
+                    f"{key} ({sources.origin(key)}) names one DiT, but this is a two-expert Wan2.2 model. Use "
+                    f"high_noise_{kind}_ckpt and low_noise_{kind}_ckpt instead."
                 )
-        return {expert: resolve_expert(model_path, config, expert) for expert in EXPERTS}
-    keys = ("dit_quantized_ckpt", "dit_original_ckpt") if config.get("dit_quantized") else (
-        "dit_original_ckpt", "dit_quantized_ckpt")
+        return {expert: resolve_expert(model_path, sources, expert) for expert in EXPERTS}
     choose = "dit_original_ckpt (or dit_quantized_ckpt with dit_quantized)"
-    for key in keys:
-        if config.get(key):
-            return {"dit": _dit_at(_existing(config[key], key), f"config key {key}", choose)}
-    model_path = _existing(model_path, "model_path")
+    found = explicit(sources, "dit", keys, choose)
+    if found:
+        return {"dit": found}
+    model_path = model_folder(model_path, sources)
     if model_path.is_file():
         return {"dit": Found(model_path, "the file given")}
     if (model_path / "transformer").is_dir() and not dit_candidates(model_path):
@@ -190,31 +229,142 @@ def resolve_dit(model_path: str | Path, config: dict | None = None) -> dict[str,
     return {"dit": find_dit_file(model_path, choose)}
 
 
-# component -> (explicit keys, quantized-flag key that puts the quantized key first, finder in the model dir).
-# Finders are named, not imported: the loaders import this module.
-COMPONENT_RULES = {
-    "t5": (("t5_quantized_ckpt", "t5_original_ckpt"), "t5_quantized", "text_encoder.find_t5_checkpoint"),
-    "tokenizer": (("t5_tokenizer_path",), None, "text_encoder.find_tokenizer_dir"),
-    "clip": (("clip_quantized_ckpt", "clip_original_ckpt"), "clip_quantized",
-             "image_encoder.find_image_encoder_checkpoint"),
-    "vae": (("vae_path",), None, "vae.find_vae_checkpoint"),
-}
+def model_config_file(model_path: Path | None, dits: dict[str, Found]) -> Path | None:
+    """The model's own ``config.json`` (its sampling keys are a settings level): in the model folder, else beside
+    the DiT (the low-noise expert's first, where LightX2V looks)."""
+    places = [model_path / "config.json"] if model_path is not None and model_path.is_dir() else []
+    places += [config_json_beside(found.path) for _, found in sorted(dits.items(), key=lambda item: item[0] != LOW)]
+    return next((place for place in places if place.is_file()), None)
 
 
-def resolve_component(name: str, model_path: str | Path, config: dict | None = None) -> Found:
-    """The checkpoint of ``t5``, ``tokenizer``, ``clip`` or ``vae``: explicit key, else the model directory."""
-    config = config or {}
-    keys, flag, finder = COMPONENT_RULES[name]
-    if flag and not config.get(flag):
-        keys = keys[::-1]
-    for key in keys:
-        if config.get(key):
-            return Found(_existing(config[key], key), f"config key {key}")
-    model_path = _existing(model_path, "model_path")
-    if model_path.is_file():
-        model_path = model_path.parent  # a single DiT file: its companions lie beside it
-    module, function = finder.rsplit(".", 1)
-    find = getattr(importlib.import_module(f"x2v.loading.{module}"), function)
-    # LightX2V's quantized file names carry the scheme's kind: models_t5_umt5-xxl-enc-fp8.pth
-    kind = scheme_kind(config.get(f"{name}_quant_scheme"), name) if flag and config.get(flag) else None
-    return Found(find(model_path, kind) if kind else find(model_path), f"found in {model_path}")
+# --- the other components -------------------------------------------------------------------------------------
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".safetensors.index.json")
+SHARD = re.compile(r"-\d{5}-of-\d{5}\.safetensors$")
+# diffusers layouts: the umT5 encoder is a transformers UMT5EncoderModel folder; the VAE an AutoencoderKLWan folder.
+DIFFUSERS_T5_FILES = ("text_encoder/model.safetensors.index.json", "text_encoder/model.safetensors")
+DIFFUSERS_VAE_CLASS = "AutoencoderKLWan"
+DIFFUSERS_WEIGHT_NAMES = (
+    "diffusion_pytorch_model.safetensors.index.json",
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.bin",
+)
+CLIP_FOLDER = "image_encoder"  # diffusers layout
+TOKENIZER_FOLDERS = ("google/umt5-xxl", "tokenizer", "")  # official, diffusers, the folder itself
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Checkpoint files directly in ``folder``; a sharded checkpoint counts once, as its index."""
+    if not folder.is_dir():
+        return []
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
+    if any(f.name.endswith(".index.json") for f in files):
+        files = [f for f in files if not SHARD.search(f.name)]
+    return files
+
+
+def files_near(directory: Path) -> list[Path]:
+    """Files at the top level of ``directory`` and one folder down."""
+    top = sorted(directory.iterdir())
+    return [p for p in top if p.is_file()] + [f for d in top if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()]
+
+
+def release_names(component: Component, kind: str | None) -> list[str]:
+    """The component's file names, best first: LightX2V's 8-bit names for ``kind`` ("int8" / "fp8"), then the
+    official ones."""
+    quantized = [name.format(kind=kind) for name in component.quantized_files] if kind else []
+    return [*quantized, *component.official_files]
+
+
+def looks_like_t5(name: str) -> bool:
+    if not name.endswith((".pth", ".pt", ".safetensors")):
+        return False
+    return (name.startswith("models_t5_") and name.endswith(".pth")) or "umt5" in name.lower()
+
+
+def find_t5(component: Component, directory: Path, kind: str | None) -> tuple[list[Path], str]:
+    """A release name at the top level or one folder down, else files that look like umT5, else a diffusers
+    ``text_encoder/``."""
+    files = files_near(directory)
+    for name in release_names(component, kind):
+        if official := [f for f in files if f.name == name]:
+            return official, ""
+    candidates = [f for f in files if looks_like_t5(f.name)]
+    candidates = candidates or [directory / f for f in DIFFUSERS_T5_FILES if (directory / f).is_file()][:1]
+    return candidates, (f"{component.official_files[0]}, models_t5_*.pth and *umt5*.pth/.safetensors at the top "
+                        "level and one folder down, and a diffusers text_encoder/ folder")
+
+
+def find_clip(component: Component, directory: Path, kind: str | None) -> tuple[list[Path], str]:
+    """A release name here or in ``image_encoder/``, else one other CLIP-looking checkpoint."""
+    for name in release_names(component, kind):
+        for folder in (directory, directory / CLIP_FOLDER):
+            if (folder / name).is_file():
+                return [folder / name], ""
+    candidates = [f for f in checkpoint_files(directory) if "clip" in f.name.lower()]
+    candidates += checkpoint_files(directory / CLIP_FOLDER)
+    return candidates, f"{component.official_files[0]} or one other *clip* checkpoint here or in {CLIP_FOLDER}/"
+
+
+def diffusers_weights(folder: Path) -> Path | None:
+    return next((folder / n for n in DIFFUSERS_WEIGHT_NAMES if (folder / n).is_file()), None)
+
+
+def is_diffusers_vae_folder(folder: Path) -> bool:
+    """A folder whose config.json names ``AutoencoderKLWan`` (a diffusers ``vae/`` folder passed directly)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("_class_name") == DIFFUSERS_VAE_CLASS
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def find_vae(component: Component, directory: Path, kind: str | None) -> tuple[list[Path], str]:
+    """Every official file, a diffusers ``vae/`` folder, and the directory itself when it is a diffusers VAE
+    folder: exactly one must be there."""
+    candidates = [directory / n for n in component.official_files if (directory / n).is_file()]
+    if weights := diffusers_weights(directory / "vae"):
+        candidates.append(weights)
+    if is_diffusers_vae_folder(directory) and (weights := diffusers_weights(directory)):
+        candidates.append(weights)
+    return candidates, (f"{' and '.join(component.official_files)}, and a diffusers vae/ folder holding "
+                        f"{DIFFUSERS_WEIGHT_NAMES[1]}")
+
+
+def find_tokenizer(component: Component, directory: Path, kind: str | None) -> tuple[list[Path], str]:
+    """``google/umt5-xxl/`` (official), ``tokenizer/`` (diffusers), or the folder itself: the first that holds
+    tokenizer files."""
+    for candidate in (directory / sub for sub in TOKENIZER_FOLDERS):
+        if candidate.is_dir() and any((candidate / f).is_file() for f in TOKENIZER_FILES):
+            return [candidate], ""
+    return [], f"google/umt5-xxl/ and tokenizer/ holding {' or '.join(TOKENIZER_FILES)}"
+
+
+# How each component is found in a model folder: (candidates, what was looked for when there are none).
+FINDERS = {"t5": find_t5, "clip": find_clip, "vae": find_vae, "tokenizer": find_tokenizer}
+
+
+def find_in_folder(name: str, directory: Path, kind: str | None = None) -> Path:
+    """The one checkpoint of component ``name`` in a model folder; none or several is an error naming the key
+    that chooses (``kind``: prefer LightX2V's 8-bit file of that kind)."""
+    component = COMPONENTS[name]
+    candidates, looked_for = FINDERS[name](component, directory, kind)
+    note = f" {component.needed_by}" if component.needed_by else ""
+    return one_candidate(directory, candidates, component.what, looked_for, component.file_keys[0], note)
+
+
+def resolve_component(name: str, model_path: str | Path, sources: Sources = Sources()) -> Found:
+    """The checkpoint of ``t5``, ``tokenizer``, ``clip`` or ``vae``: a config key that names it, else the model
+    folder (the folder of a single DiT file)."""
+    component = COMPONENTS[name]
+    for key in sources.ordered_keys(name, component.file_keys):
+        path = sources.file(key)
+        if path is not None:
+            return Found(path, sources.origin(key))
+    directory = model_folder(model_path, sources)
+    if directory.is_file():
+        directory = directory.parent  # a single DiT file: its companions lie beside it
+    # LightX2V's 8-bit file names carry the scheme's kind: models_t5_umt5-xxl-enc-fp8.pth
+    quant = sources.quant(name)
+    kind = scheme_kind(quant.scheme, name) if quant.quantized else None
+    return Found(find_in_folder(name, directory, kind), f"found in {directory}")

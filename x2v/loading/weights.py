@@ -14,8 +14,8 @@ from torch import nn
 
 from x2v.errors import CheckpointError
 from x2v.formats.keys import summarize_keys
-from x2v.formats.quant import QUANT_DTYPES
-from x2v.formats.readers import FileMappings, read_pages, release_pages
+from x2v.ops.quant_math import QUANT_DTYPES
+from x2v.runtime.pages import FileMappings, read_pages, release_pages
 
 QUANT_STORAGE = tuple(QUANT_DTYPES.values())  # storage of quantized layers: never cast
 

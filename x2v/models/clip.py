@@ -92,6 +92,8 @@ class TransformerBlock(nn.Module):
 class ClipVisionTower(nn.Module):
     """``forward(images [B, 3, H, W] in [-1, 1]) -> [B, num_tokens, width]``: the penultimate block's output."""
 
+    OFFLOAD_BLOCKS = ("transformer",)  # streamed by x2v.runtime.offload
+
     def __init__(self, config: ClipVisionConfig) -> None:
         super().__init__()
         self.config = config

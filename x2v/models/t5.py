@@ -140,6 +140,8 @@ class T5Block(nn.Module):
 class T5Encoder(nn.Module):
     """umT5 encoder. State-dict keys match ``models_t5_umt5-xxl-enc-bf16.pth``."""
 
+    OFFLOAD_BLOCKS = ("blocks",)  # streamed by x2v.runtime.offload
+
     def __init__(self, config: T5EncoderConfig):
         super().__init__()
         self.config = config

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from x2v.ops.attention import (FP8_OUTPUT, TORCH_SDPA, Fp8Query, attention, attention_fp8_output, kernel,
-                                takes_fp8_query)
+from x2v.ops.attention import FP8_OUTPUT, TORCH_SDPA, attention, attention_fp8_output, kernel, takes_fp8_query
 from x2v.ops.fused import linear_gelu
-from x2v.ops.norms import (FP8, gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
+from x2v.ops.norms import (gated_residual, gated_residual_layer_norm, layer_norm, modulated_norm,
                            residual_modulated_norm, rms_norm_rope, rms_norm_rope_fp8)
 from x2v.ops.quant_linear import (QuantizedInput, QuantLinear, fp8_input, input_dtype, quantize_input,
                                   quantized_input, shares_quantized_input)
+from x2v.ops.quant_math import FP8, Fp8Query
 from x2v.ops.rope import rope_rotations
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
@@ -188,6 +188,12 @@ class FeedForward(nn.Sequential):
 
 
 class WanBlock(nn.Module):
+    # Phase offload (x2v.runtime.offload): the phases in the order they run, each with the children it uses; the
+    # block's own tensor (modulation) goes with the first. A VACE block's before_proj runs just before the block,
+    # its after_proj just after it.
+    OFFLOAD_PHASES = {"self_attn": ("self_attn", "before_proj"), "cross_attn": ("norm3", "cross_attn"),
+                      "ffn": ("ffn", "after_proj")}
+
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
         self.eps = cfg.eps
@@ -268,6 +274,9 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class WanDiT(nn.Module):
+    # Block offload (x2v.runtime.offload): the block lists, in the order forward runs them (VACE branch first).
+    OFFLOAD_BLOCKS = ("vace_blocks", "blocks")
+
     def __init__(self, cfg: WanDiTConfig):
         super().__init__()
         if cfg.model_type not in MODEL_TYPES:
@@ -288,6 +297,10 @@ class WanDiT(nn.Module):
                 cfg.vace_in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size
             )
             self.vace_blocks = nn.ModuleList(VaceBlock(cfg, first=i == 0) for i in range(len(cfg.vace_layers)))
+
+    def running_blocks(self, vace_context=None, **_) -> tuple[str, ...]:
+        """The block lists a forward call with these keyword arguments runs, in order."""
+        return self.OFFLOAD_BLOCKS if vace_context is not None else ("blocks",)
 
     @property
     def compute_dtype(self) -> torch.dtype:

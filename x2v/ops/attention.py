@@ -12,33 +12,58 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import sys
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from x2v.errors import first_line
 from x2v.ops.fused import fused_enabled
+from x2v.ops.quant_math import Fp8Query
 
 log = logging.getLogger(__name__)
 
 TORCH_SDPA = "torch_sdpa"
 
-# Attention type -> (module, function, keyword arguments, what to install); every kernel takes [B, L, heads, d].
+
+
+def installed(module: str, function: str, **kwargs):
+    """A kernel of an optional package, imported when first asked for."""
+    return lambda: functools.partial(getattr(importlib.import_module(module), function), **kwargs)
+
+
+def sage_triton():
+    from x2v.ops.sage_triton import sage_attention  # imports Triton: only when the type is asked for
+
+    return sage_attention
+
+
+def cudnn_fp8():
+    from x2v.ops.cudnn_fp8 import cudnn_fp8_attention  # imports cuDNN's frontend: only when asked for
+
+    return cudnn_fp8_attention
+
+
+def cudnn_fp8_output():
+    from x2v.ops.cudnn_fp8 import cudnn_fp8_attention_fp8_output
+
+    return cudnn_fp8_attention_fp8_output
+
+
+# Attention type -> (its function, imported when first asked for; what to install); every kernel takes
+# [B, L, heads, d].
 KERNELS = {
-    "flash_attn2": ("flash_attn", "flash_attn_func", {}, "flash-attn"),
-    "flash_attn3": ("flash_attn_interface", "flash_attn_func", {}, "FlashAttention 3 (built from its repository)"),
-    "sage_attn2": ("sageattention", "sageattn", {"tensor_layout": "NHD"}, "sageattention"),
-    "sage_attn2_k_int8_v_fp8": ("sageattention", "sageattn_qk_int8_pv_fp8_cuda", {"tensor_layout": "NHD"},
+    "flash_attn2": (installed("flash_attn", "flash_attn_func"), "flash-attn"),
+    "flash_attn3": (installed("flash_attn_interface", "flash_attn_func"), "FlashAttention 3 (built from its repository)"),
+    "sage_attn2": (installed("sageattention", "sageattn", tensor_layout="NHD"), "sageattention"),
+    "sage_attn2_k_int8_v_fp8": (installed("sageattention", "sageattn_qk_int8_pv_fp8_cuda", tensor_layout="NHD"),
                                 "SageAttention 2 (built from its repository)"),
     # x2v's own 8-bit types: int8 Q·K + fp8 P·V in Triton; cuDNN's fp8 attention
-    "sage_triton": ("x2v.ops.sage_triton", "sage_attention", {}, "triton"),
-    "cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention", {}, "nvidia-cudnn-frontend"),
+    "sage_triton": (sage_triton, "triton"),
+    "cudnn_fp8": (cudnn_fp8, "nvidia-cudnn-frontend"),
 }
 OWN_8BIT = ("sage_triton", "cudnn_fp8")
 # Types whose kernel can also hand over its output in fp8 with one scale (attention_fp8_output): type -> function
-FP8_OUTPUT = {"cudnn_fp8": ("x2v.ops.cudnn_fp8", "cudnn_fp8_attention_fp8_output")}
+FP8_OUTPUT = {"cudnn_fp8": cudnn_fp8_output}
 # Types whose kernel takes Q already in fp8 with one scale (an Fp8Query), e.g. from the RMS norm before it
 FP8_QUERY = ("cudnn_fp8",)
 # Types LightX2V knows that x2v does not implement (sparse / radial / distributed variants): they run torch SDPA.
@@ -49,16 +74,6 @@ NOT_IMPLEMENTED = ("flash_attn4", "sage_attn3", "radial_attn", "svg_attn", "svg2
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # what the optional kernels compute in
 KERNEL_DEVICES = ("cuda",)  # where the optional kernels run (tests add "cpu" with Triton's interpreter or fakes)
 failed_types: set[str] = set()  # attention types that raised once: SDPA runs for them from then on
-
-
-class Fp8Query(NamedTuple):
-    """Q in fp8 e4m3 ``[B, Lq, heads, d]`` with one float32 scale ``[1, 1, 1, 1]`` (Q = values * scale)."""
-
-    values: torch.Tensor
-    scale: torch.Tensor
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return (self.values.float() * self.scale).to(dtype)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,9 +92,9 @@ def kernel(name: str):
     if name not in KERNELS:
         raise ValueError(f"unknown attention type {name!r}; expected {TORCH_SDPA}, {', '.join(KERNELS)} "
                          f"(or one of LightX2V's other types, which run torch SDPA)")
-    module, function, kwargs, package = KERNELS[name]
+    load, package = KERNELS[name]
     try:
-        return functools.partial(getattr(importlib.import_module(module), function), **kwargs)
+        return load()
     except (ImportError, AttributeError) as e:
         hint = (f"; x2v's own 8-bit attention types {' / '.join(OWN_8BIT)} need only Triton / cuDNN's frontend"
                 if name.startswith("sage_attn") else "")
@@ -120,8 +135,7 @@ def attention_fp8_output(q: torch.Tensor | Fp8Query, k: torch.Tensor, v: torch.T
     ``attention``)."""
     if backend not in FP8_OUTPUT or live_kernel(backend) is None:
         return None
-    module, function = FP8_OUTPUT[backend]  # its module imported by live_kernel(backend)
-    return _run(backend, getattr(sys.modules[module], function), q, k, v)
+    return _run(backend, FP8_OUTPUT[backend](), q, k, v)
 
 
 def kernel_takes(v: torch.Tensor) -> bool:

@@ -25,12 +25,9 @@ from dataclasses import dataclass
 import cudnn
 import torch
 
-from x2v.formats.quant import QMAX, QUANT_DTYPES
-from x2v.ops.attention import Fp8Query
 from x2v.ops.fused import fused_on_gpu
+from x2v.ops.quant_math import FP8, FP8_MAX, Fp8Query
 
-FP8 = QUANT_DTYPES["fp8"]
-FP8_MAX = QMAX["fp8"]
 OUTPUT_HEADROOM = 2.0  # an fp8 output's scale leaves room above max |V| (P's rounding can push a row a bit past it)
 FP8_ATTENTION_CAPABILITY = (9, 0)  # cuDNN's fp8 attention: Hopper and later
 HALF_OUTPUT_CAPABILITY = (10, 0)  # cuDNN writes bf16 / fp16 from fp8 attention on Blackwell and later only

@@ -10,7 +10,6 @@ input once and writes its output once, in the dtype the next layer takes: a one-
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
 from contextlib import contextmanager
 
@@ -74,7 +73,7 @@ def fused_on_gpu(fn=None, *, row_kernel: bool = False):
     """
     if fn is None:
         return functools.partial(fused_on_gpu, row_kernel=row_kernel)
-    state = {"compiled": None, "kernel": row_kernel}  # each False once it failed
+    state = {"compiled": None, "kernel": row_kernel}  # each False once it failed; "kernel" becomes the function
 
     @functools.wraps(fn)
     def run(x: torch.Tensor, *args):
@@ -83,7 +82,11 @@ def fused_on_gpu(fn=None, *, row_kernel: bool = False):
             return fn(x, *args)
         if state["kernel"] and _kernels_enabled:
             try:
-                out = getattr(importlib.import_module("x2v.ops.row_kernels"), fn.__name__)(x, *args)
+                if state["kernel"] is True:
+                    from x2v.ops import row_kernels  # imports Triton: only once a GPU runs a fused function
+
+                    state["kernel"] = getattr(row_kernels, fn.__name__)
+                out = state["kernel"](x, *args)
             except Exception as e:  # noqa: BLE001 - e.g. no Triton, or a kernel that does not build for this card
                 state["kernel"] = False
                 log.warning("%s: its Triton kernel failed (%s); it runs compiled.", fn.__name__, first_line(e))

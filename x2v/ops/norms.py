@@ -8,17 +8,14 @@ rounded once, to the dtype the next layer computes in (and, for 8-bit layers, qu
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from x2v.formats.quant import QMAX, QUANT_DTYPES
 from x2v.ops.fused import fused_on_gpu
 from x2v.ops.quant_linear import row_quantized
+from x2v.ops.quant_math import FP8, FP8_MAX, fp8_scale_factor
 from x2v.ops.rope import apply_rope
-
-FP8, FP8_MAX = QUANT_DTYPES["fp8"], QMAX["fp8"]
 
 
 def layer_norm(x: torch.Tensor, eps: float, weight=None, bias=None) -> torch.Tensor:
@@ -88,13 +85,6 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int,
                   out_dtype: torch.dtype) -> torch.Tensor:
     """``rms_norm_rope_float`` rounded to ``out_dtype``."""
     return rms_norm_rope_float(x, weight, eps, heads, rope).to(out_dtype)
-
-
-def fp8_scale_factor(width: int) -> float:
-    """What max |weight| is multiplied by for ``rms_norm_rope_fp8``'s scale: RMS-normalised values have a mean
-    square of 1, so no value, and no channel pair's length (which a rotation keeps), exceeds sqrt(width); a
-    margin covers their rounding to 16 bits and RoPE's float32 tables."""
-    return math.sqrt(width) * (1 + 2 ** -6) / FP8_MAX
 
 
 @fused_on_gpu(row_kernel=True)

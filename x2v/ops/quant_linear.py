@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from x2v.errors import first_line
-from x2v.formats.quant import QMAX, QUANT_DTYPES, dequantize_weight
 from x2v.ops.fused import fused_enabled, fused_on_gpu, is_bare
+from x2v.ops.quant_math import QMAX, QUANT_DTYPES, dequantize_weight
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from x2v.formats.quant import QMAX, QUANT_DTYPES
-from x2v.ops.norms import FP8, fp8_scale_factor
+from x2v.ops.quant_math import FP8, QMAX, QUANT_DTYPES, fp8_scale_factor
 
 MAX_WIDTH = 16384  # widest row held in registers (Wan's widest: the 14B feed-forward's 13,824)
 FP8_MAX = tl.constexpr(QMAX["fp8"])

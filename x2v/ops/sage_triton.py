@@ -24,11 +24,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from x2v.formats.quant import QMAX, QUANT_DTYPES
 from x2v.ops.fused import fused_on_gpu
+from x2v.ops.quant_math import FP8, FP8_MAX, QMAX, QUANT_DTYPES
 
-FP8 = QUANT_DTYPES["fp8"]
-FP8_MAX = QMAX["fp8"]
 TOP = {QUANT_DTYPES[kind]: top for kind, top in QMAX.items()}  # the largest value of each 8-bit type
 LOG2_E = 1.4426950408889634
 LOG2_FP8_MAX = tl.constexpr(math.log2(FP8_MAX))  # P is scaled by 448 inside the kernel (see _attend_block)

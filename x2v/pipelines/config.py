@@ -1,24 +1,6 @@
-"""Generation settings with LightX2V's key names: tables and pure functions, no pipeline code.
-
-References: ``shared/reference/formats.md`` §10 (LightX2V configuration), ``wan-models.md`` §7 (official per-task
-defaults, negative prompts), ``sampling.md`` §3/§5/§6/§7/§9, ``known-pitfalls.md`` E04, E06, F01, F03, F06.
-
-Precedence, lowest first (each level overrides the previous one; a ``None`` / JSON ``null`` value never
-overrides anything, it means "not set"):
-
-1. ``defaults(model_cls, task)``: the official Wan values;
-2. the model's own ``config.json``: only its sampling keys (``SAMPLING_KEYS``); its architecture keys are the
-   loaders' business (they cross-check them against the tensors);
-3. the user's config file (LightX2V's ``--config_json``; JSON with comments, ``x2v.formats.jsonc``);
-4. explicit overrides: CLI flags, Python keyword arguments.
-
-LightX2V merges differently: its ``--config_json`` overrides the CLI and the model's ``config.json`` overrides both
-(formats.md §10.1); x2v never lets a file the user did not write beat an explicit setting (pitfall F01).
-
-After the merge a few values are derived, each only when the key it would replace was not set above the level of
-the key it derives from: an empty negative prompt becomes the task's official default (as in the official code);
-``scheduler_type: "WanStepDistillScheduler"`` selects ``sample_solver: "distill"``; with the distill sampler
-``infer_steps`` follows ``len(denoising_step_list)``; Wan2.1 I2V uses shift 3.0 only at 480p sizes, else 5.0.
+"""LightX2V's configuration keys as tables and pure checks: model classes and tasks, the official defaults per
+class and task, the keys x2v knows (and those it reads but ignores), old names and aliases, and the value checks.
+``x2v.pipelines.settings`` resolves the levels into one ``Settings`` with these; docs/config.md describes both.
 """
 
 from __future__ import annotations
@@ -33,11 +15,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from x2v.errors import UnsupportedModelError, X2VError
-
-
-class ConfigError(X2VError, ValueError):
-    """A setting has the wrong type or value, or model_cls / task are unknown. The message names the key and the fix."""
+from x2v.errors import ConfigError, UnsupportedModelError
+from x2v.formats.metadata import EXPERTS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,10 +72,9 @@ UNSUPPORTED_TASKS: dict[str, str] = {
     "s2v": "speech to video (Wan2.2-S2V)",
 }
 
-MOE_EXPERTS = ("high_noise_model", "low_noise_model")  # LightX2V order; lora_configs "name" values (formats.md §9.4)
 
 
-def _suggest(word: str, candidates) -> str:
+def suggest(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, sorted(candidates), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -112,7 +90,7 @@ def model_class(model_cls: str) -> ModelClass:
             f"x2v yet. Supported model_cls values: {supported}."
         )
     raise ConfigError(
-        f"unknown model_cls {model_cls!r}{_suggest(str(model_cls), [*MODEL_CLASSES, *UNSUPPORTED_MODEL_CLASSES])}. "
+        f"unknown model_cls {model_cls!r}{suggest(str(model_cls), [*MODEL_CLASSES, *UNSUPPORTED_MODEL_CLASSES])}. "
         f"Supported model_cls values: {supported}."
     )
 
@@ -132,7 +110,7 @@ def check_task(model_cls: str, task: str) -> str:
             f"task '{task}' is not available for model_cls '{model_cls}' ({info.description}); "
             f"its tasks: {', '.join(info.tasks)}."
         )
-    raise ConfigError(f"unknown task {task!r}{_suggest(str(task), [*TASKS, *UNSUPPORTED_TASKS])}. "
+    raise ConfigError(f"unknown task {task!r}{suggest(str(task), [*TASKS, *UNSUPPORTED_TASKS])}. "
                       f"Tasks of model_cls '{model_cls}': {', '.join(info.tasks)}.")
 
 
@@ -219,7 +197,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 # Official Wan2.1 I2V rule (generate.py): shift 3.0 for the sizes 832*480 / 480*832, else 5.0.
-_WAN21_I2V_480P_SIZES = {(480, 832), (832, 480)}
+WAN21_I2V_480P_SIZES = {(480, 832), (832, 480)}
 
 
 def defaults(model_cls: str, task: str) -> dict[str, Any]:
@@ -290,6 +268,14 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
 }
 KNOWN_KEYS: frozenset[str] = frozenset(k for keys in KEY_GROUPS.values() for k in keys)
 
+# Keys fixed when a pipeline loads: what files, quantization, LoRAs, offload and kernels it runs. A request that
+# sets one is refused (the other keys may change per request).
+LOAD_KEYS: frozenset[str] = frozenset(
+    {"model_cls", "task", "model_path", "config_json"}
+    | {k for group in ("dit source", "encoders / vae", "lora", "attention / kernels", "offload / memory", "parallel")
+       for k in KEY_GROUPS[group]} - {"use_tiling_vae"}
+)
+
 # Keys taken from the model's own config.json (everything else in it is ignored here).
 SAMPLING_KEYS: frozenset[str] = frozenset({
     "infer_steps", "target_video_length", "target_height", "target_width", "sample_guide_scale", "sample_shift",
@@ -320,7 +306,7 @@ SOLVERS = ("unipc", "dpm++", "distill")
 SCHEDULER_TYPES = {"WanScheduler": "unipc", "WanStepDistillScheduler": "distill"}
 
 
-def _is_known(key: str) -> bool:
+def is_known(key: str) -> bool:
     return key in KNOWN_KEYS or key.endswith("_setting")
 
 
@@ -362,198 +348,6 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_lightvae": (_truthy, "LightVAE is not implemented yet; the full VAE decodes"),
     "enable_dynamic_cfg": (_truthy, "dynamic CFG is not implemented"),
 }
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resolution
-
-LAYERS = ("default", "model config.json", "config file", "override")  # lowest precedence first
-_RANK = {label: i for i, label in enumerate(LAYERS)}
-
-
-def _legacy_quant(mm_config: Any, layer: dict, label: str, warnings: list[str]) -> dict[str, Any]:
-    """``mm_config: {"mm_type": ...}`` (LightX2V before Oct 2025) -> ``dit_quantized`` + ``dit_quant_scheme``."""
-    mm_type = mm_config.get("mm_type") if isinstance(mm_config, dict) else None
-    if not isinstance(mm_type, str):
-        warnings.append(f"{label}: deprecated config key 'mm_config' without a 'mm_type' string is ignored; "
-                        f"set dit_quantized and dit_quant_scheme instead")
-        return {}
-    if layer.get("dit_quant_scheme") is not None:
-        warnings.append(f"{label}: deprecated 'mm_config.mm_type' ignored: dit_quant_scheme is set")
-        return {}
-    if mm_type == "Default":
-        scheme = "Default"
-    else:
-        from x2v.formats.quant import LEGACY_SCHEMES
-
-        scheme = LEGACY_SCHEMES.get(mm_type)
-        if scheme is None:
-            warnings.append(f"{label}: deprecated 'mm_config.mm_type' {mm_type!r} has no dit_quant_scheme "
-                            f"equivalent x2v knows; it is ignored. Set dit_quantized and dit_quant_scheme instead")
-            return {}
-    warnings.append(f"{label}: deprecated 'mm_config.mm_type' {mm_type!r} read as dit_quantized "
-                    f"{str(scheme != 'Default').lower()}, dit_quant_scheme '{scheme}'; write those keys instead")
-    return {"dit_quantized": scheme != "Default", "dit_quant_scheme": scheme}
-
-
-def _normalize(layer: dict | None, label: str, warnings: list[str], *, quiet: bool = False,
-               quiet_aliases: bool = False) -> dict[str, Any]:
-    """One level's keys under today's names, ``None`` values dropped; renamed / unknown keys reported."""
-    found: list[str] = []
-    out: dict[str, Any] = {}
-    for key, value in (layer or {}).items():
-        if value is None:
-            continue
-        if key == "mm_config":
-            out.update(_legacy_quant(value, layer, label, found))
-            continue
-        new = RENAMED[key][0] if key in RENAMED else ALIASES.get(key, key)
-        if new != key:
-            if layer.get(new) is not None:
-                found.append(f"{label}: both '{key}' and '{new}' are set; '{key}' is ignored")
-                continue
-            if key in RENAMED:
-                found.append(f"{label}: deprecated config key '{key}' read as '{new}' ({RENAMED[key][1]})")
-            elif not quiet_aliases:
-                found.append(f"{label}: config key '{key}' read as '{new}' (LightX2V's name)")
-        elif not _is_known(key):
-            found.append(f"{label}: unknown config key '{key}'"
-                         f"{_suggest(key, [*KNOWN_KEYS, *RENAMED, *ALIASES]) or ' (ignored)'}")
-        out[new] = copy.deepcopy(value)
-    if not quiet:
-        warnings.extend(found)
-    return out
-
-
-def _pick(name: str, given: str | None, user_layers: list[tuple[str, dict]], fallback: Callable[[], str | None],
-          warnings: list[str] | None) -> tuple[str, str]:
-    """model_cls / task and where it came from: the explicit argument, else the highest layer that sets it, else
-    ``fallback()``. A lower value that differs is reported when ``warnings`` is a list."""
-    source = "argument" if given is not None else "default"
-    for label, layer in reversed(user_layers):
-        value = layer.pop(name, None)
-        if value is None:
-            continue
-        if given is None:
-            given, source = value, label
-        elif value != given and warnings is not None:
-            warnings.append(f"{label}: {name} '{value}' is ignored; '{given}' ({source}) wins")
-    given = given if given is not None else fallback()
-    if given is None:
-        raise ConfigError(f"{name} is not set; pass it (e.g. --{name} wan2.1) or put it in the config file. "
-                          f"Supported model_cls values: {', '.join(MODEL_CLASSES)}.")
-    return given, source
-
-
-def resolve_with_sources(
-    model_cls: str | None,
-    task: str | None,
-    *,
-    config_file: dict | None = None,
-    overrides: dict | None = None,
-    model_config: dict | None = None,
-) -> tuple[dict[str, Any], list[str], dict[str, str]]:
-    """``resolve_settings`` plus, per key, the level it came from (one of ``LAYERS``, or "derived ...")."""
-    warnings: list[str] = []
-    user_layers = [("config file", _normalize(config_file, "config file", warnings)),
-                   ("override", _normalize(overrides, "override", warnings, quiet_aliases=True))]
-    # A config written for another model class is likely a mistake; choosing another task (t2v / i2v with the same
-    # file) is routine, so only model_cls conflicts are reported.
-    model_cls, model_cls_source = _pick("model_cls", model_cls, user_layers, lambda: None, warnings)
-    info = model_class(model_cls)
-    task, task_source = _pick("task", task, user_layers, lambda: info.tasks[0], None)
-    check_task(model_cls, task)
-
-    model_layer = _normalize(model_config, "model config.json", warnings, quiet=True)
-    layers = [("default", defaults(model_cls, task)),
-              ("model config.json", {k: v for k, v in model_layer.items() if k in SAMPLING_KEYS}),
-              *user_layers]
-    settings: dict[str, Any] = {"model_cls": model_cls, "task": task}
-    sources = {"model_cls": model_cls_source, "task": task_source}
-    for label, layer in layers:
-        for key, value in layer.items():
-            settings[key] = value
-            sources[key] = label
-    _derive(settings, sources)
-
-    for label, layer in user_layers:
-        for key, value in layer.items():
-            if key in IGNORED_KEYS and IGNORED_KEYS[key][0](value):
-                warnings.append(f"{label}: config key '{key}' = {json.dumps(value)} is ignored: {IGNORED_KEYS[key][1]}")
-        if "boundary" in layer and not info.moe:
-            warnings.append(f"{label}: 'boundary' only applies to Wan2.2 A14B (wan2.2_moe); ignored for {model_cls}")
-        if "boundary_step_index" in layer and not info.moe:
-            warnings.append(f"{label}: 'boundary_step_index' only applies to wan2.2_moe_distill; ignored for "
-                            f"{model_cls}")
-    scheduler_type = settings.get("scheduler_type")
-    if scheduler_type is not None and scheduler_type not in SCHEDULER_TYPES:
-        warnings.append(f"{sources['scheduler_type']}: scheduler_type {json.dumps(scheduler_type)} is not one x2v "
-                        f"knows ({', '.join(SCHEDULER_TYPES)}); ignored, sample_solver is "
-                        f"'{settings['sample_solver']}'")
-    if settings["sample_solver"] != "distill" and sources.get("denoising_step_list", "default") != "default":
-        warnings.append(f"{sources['denoising_step_list']}: 'denoising_step_list' only applies to the distill "
-                        f"sampler; ignored with sample_solver '{settings['sample_solver']}'")
-        del settings["denoising_step_list"]  # so no caller hands it to a base sampler
-    if settings["sample_solver"] == "distill" and settings.get("enable_cfg") is True:
-        warnings.append("enable_cfg is true with the distill sampler: distilled weights are made for one pass per "
-                        "step without CFG (set enable_cfg false unless the LoRA / model says otherwise)")
-    validate(settings)
-    return settings, warnings, sources
-
-
-def _derive(settings: dict[str, Any], sources: dict[str, str]) -> None:
-    """Values that follow from others (module docstring), each only if not set above its source's level."""
-
-    def rank(key: str) -> int:
-        return _RANK.get(sources.get(key, "default"), 0)
-
-    if not settings.get("negative_prompt"):  # official: an empty negative prompt means the default one
-        settings["negative_prompt"] = default_negative_prompt(settings["model_cls"], settings["task"])
-        sources["negative_prompt"] = "default"
-    scheduler_type = settings.get("scheduler_type")
-    if scheduler_type in SCHEDULER_TYPES and rank("scheduler_type") > rank("sample_solver"):
-        settings["sample_solver"] = SCHEDULER_TYPES[scheduler_type]
-        sources["sample_solver"] = "derived from scheduler_type"
-    steps = settings.get("denoising_step_list")
-    if settings["sample_solver"] == "distill" and isinstance(steps, list) and rank("denoising_step_list") > rank(
-            "infer_steps"):
-        settings["infer_steps"] = len(steps)
-        sources["infer_steps"] = "derived from denoising_step_list"
-    if (settings["model_cls"], settings["task"]) == ("wan2.1", "i2v") and sources["sample_shift"] == "default":
-        size = (settings.get("target_height"), settings.get("target_width"))
-        settings["sample_shift"] = 3.0 if size in _WAN21_I2V_480P_SIZES else 5.0
-        sources["sample_shift"] = "default"
-
-
-def resolve_settings(
-    model_cls: str | None,
-    task: str | None,
-    *,
-    config_file: dict | None = None,
-    overrides: dict | None = None,
-    model_config: dict | None = None,
-) -> tuple[dict[str, Any], list[str]]:
-    """Merge defaults < model config.json (sampling keys) < user config file < overrides; validate.
-
-    ``model_cls`` / ``task`` may be ``None``: then they come from the overrides or the config file (task: else the
-    model class's first task, "t2v" for all but VACE). An explicit argument beats a value in a file (a different
-    model_cls there is reported). A ``denoising_step_list`` that the chosen sampler does not use is dropped. ``None`` values in any level are "not set". Returns the settings (LightX2V key names, plus
-    ``model_cls`` and ``task``; unknown keys are passed through) and the warnings: unknown keys with the closest
-    known one, old names read under their new name (F03), known keys x2v ignores (F06), settings that do not apply.
-    Raises ``ConfigError`` / ``UnsupportedModelError`` for invalid values.
-    """
-    settings, warnings, _ = resolve_with_sources(model_cls, task, config_file=config_file, overrides=overrides,
-                                                 model_config=model_config)
-    return settings, warnings
-
-
-def format_settings(settings: dict[str, Any], sources: dict[str, str] | None = None) -> str:
-    """The resolved settings, one ``key: value  [source]`` line each, for logs (pitfall F01)."""
-    lines = []
-    for key, value in settings.items():
-        source = f"  [{sources[key]}]" if sources and key in sources else ""
-        lines.append(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}{source}")
-    return "\n".join(lines)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Checks
@@ -627,7 +421,7 @@ def check_frames(n: Any, task: str) -> int:
     return n
 
 
-def _check_lora_configs(value: Any, moe: bool) -> list[str]:
+def lora_config_problems(value: Any, moe: bool) -> list[str]:
     if not isinstance(value, list):
         return [f"lora_configs must be a list of {{\"path\": ..., \"strength\": ...}} objects, got {value!r}"]
     problems = []
@@ -643,7 +437,10 @@ def _check_lora_configs(value: Any, moe: bool) -> list[str]:
         if entry.get("alpha") is not None and not _is_number(entry["alpha"]):
             problems.append(f"{where}.alpha must be a number or null (null: the file's own alpha), got "
                             f"{entry['alpha']!r}")
-        if moe and entry.get("name") not in MOE_EXPERTS:
+        if entry.get("name") is not None and entry["name"] not in EXPERTS:
+            problems.append(f"{where}.name {entry['name']!r} is not a Wan2.2 expert; use {' or '.join(EXPERTS)}, or "
+                            "leave it out for a single-DiT model")
+        elif moe and entry.get("name") is None:
             problems.append(f"{where} needs \"name\": \"high_noise_model\" or \"low_noise_model\" (which Wan2.2 "
                             f"expert it is for; add one entry per expert to apply it to both), got "
                             f"{entry.get('name')!r}")
@@ -653,18 +450,24 @@ def _check_lora_configs(value: Any, moe: bool) -> list[str]:
     return problems
 
 
-def validate(settings: dict[str, Any]) -> None:
-    """Check the types and ranges of the core keys; one ``ConfigError`` lists every problem with its fix."""
+def validate(settings: dict[str, Any], origins: dict[str, str] | None = None) -> None:
+    """Check the types and ranges of the core keys; one ``ConfigError`` lists every problem with its fix and, given
+    ``origins`` (key -> where it was set), where each wrong value came from."""
     model_cls, task = settings.get("model_cls"), settings.get("task")
     info = model_class(model_cls) if model_cls is not None else None
     if info is not None and task is not None:
         check_task(model_cls, task)
     problems: list[str] = []
+    origins = origins or {}
+
+    def bad(key: str, message: str) -> None:
+        where = origins.get(key)
+        problems.append(f"{message} ({where})" if where and where != "default" else message)
 
     def positive_int(key: str, example: int) -> bool:
         value = settings.get(key)
         if key in settings and (not _is_int(value) or value < 1):
-            problems.append(f"{key} must be a positive integer (e.g. {example}), got {value!r}")
+            bad(key, f"{key} must be a positive integer (e.g. {example}), got {value!r}")
             return False
         return key in settings
 
@@ -673,62 +476,62 @@ def validate(settings: dict[str, Any]) -> None:
         try:
             check_frames(settings["target_video_length"], task or "t2v")
         except ConfigError as e:
-            problems.append(str(e))
+            bad("target_video_length", str(e))
     multiple = info.size_multiple if info else 16
     why = "the Wan2.2 VAE stride 16 x patch 2" if multiple == 32 else "the VAE stride 8 x patch 2"
     for key in ("target_height", "target_width"):
         if positive_int(key, 480) and settings[key] % multiple:
             below = settings[key] // multiple * multiple
             use = " or ".join(str(v) for v in (below, below + multiple) if v > 0)
-            problems.append(f"{key} {settings[key]} must be a multiple of {multiple} ({why}" +
-                            (f" for {model_cls}" if model_cls else "") + f"): use {use}")
+            bad(key, f"{key} {settings[key]} must be a multiple of {multiple} ({why}" +
+                (f" for {model_cls}" if model_cls else "") + f"): use {use}")
     for key in ("sample_shift", "fps"):
         value = settings.get(key)
         if key in settings and (not _is_number(value) or value <= 0):
-            problems.append(f"{key} must be a positive number, got {value!r}")
+            bad(key, f"{key} must be a positive number, got {value!r}")
     if "enable_cfg" in settings and not isinstance(settings["enable_cfg"], bool):
-        problems.append(f"enable_cfg must be true or false, got {settings['enable_cfg']!r}")
+        bad("enable_cfg", f"enable_cfg must be true or false, got {settings['enable_cfg']!r}")
     if "sample_guide_scale" in settings:
         try:
             guide_scales(settings, moe=bool(info and info.moe))
         except ConfigError as e:
-            problems.append(str(e))
+            bad("sample_guide_scale", str(e))
     if "seed" in settings and not _is_int(settings["seed"]):
-        problems.append(f"seed must be an integer (negative: random), got {settings['seed']!r}")
+        bad("seed", f"seed must be an integer (negative: random), got {settings['seed']!r}")
     if "negative_prompt" in settings and not isinstance(settings["negative_prompt"], str):
-        problems.append(f"negative_prompt must be a string, got {settings['negative_prompt']!r}")
+        bad("negative_prompt", f"negative_prompt must be a string, got {settings['negative_prompt']!r}")
 
     solver = settings.get("sample_solver", "unipc")
     if solver not in SOLVERS:
-        problems.append(f"sample_solver {solver!r} is unknown{_suggest(str(solver), SOLVERS)}; use one of "
-                        f"{', '.join(SOLVERS)}")
+        bad("sample_solver", f"sample_solver {solver!r} is unknown{suggest(str(solver), SOLVERS)}; use one of "
+            f"{', '.join(SOLVERS)}")
     if info and info.distill and solver != "distill":
-        problems.append(f"{model_cls} holds 4-step distilled weights: sample_solver must be 'distill' (got "
-                        f"{solver!r}); the base samplers produce noise with them")
+        bad("sample_solver", f"{model_cls} holds 4-step distilled weights: sample_solver must be 'distill' (got "
+            f"{solver!r}); the base samplers produce noise with them")
     if solver == "distill":
         steps = settings.get("denoising_step_list")
         if steps is None:
             problems.append(f"the distill sampler needs denoising_step_list, e.g. {DISTILL_STEPS}")
         elif (not isinstance(steps, list) or not steps or not all(_is_int(t) and 0 < t <= 1000 for t in steps)
               or any(a <= b for a, b in pairwise(steps))):
-            problems.append(f"denoising_step_list must be a strictly decreasing list of integers in (0, 1000], "
-                            f"e.g. {DISTILL_STEPS}; got {steps!r}")
+            bad("denoising_step_list", f"denoising_step_list must be a strictly decreasing list of integers in "
+                f"(0, 1000], e.g. {DISTILL_STEPS}; got {steps!r}")
         elif _is_int(settings.get("infer_steps")) and settings["infer_steps"] != len(steps):
-            problems.append(f"infer_steps {settings['infer_steps']} does not match denoising_step_list {steps} "
-                            f"({len(steps)} steps): drop infer_steps or make them agree")
+            bad("infer_steps", f"infer_steps {settings['infer_steps']} does not match denoising_step_list {steps} "
+                f"({len(steps)} steps): drop infer_steps or make them agree")
 
     if info and info.moe and not info.distill:
         value = settings.get("boundary")
         if not _is_number(value) or not 0 < value < 1:
-            problems.append(f"boundary must be a number in (0, 1) (the expert switch at t = boundary x 1000; "
-                            f"0.875 for T2V, 0.9 for I2V), got {value!r}")
+            bad("boundary", f"boundary must be a number in (0, 1) (the expert switch at t = boundary x 1000; "
+                f"0.875 for T2V, 0.9 for I2V), got {value!r}")
     if info and info.moe and info.distill:
         value, n = settings.get("boundary_step_index"), settings.get("infer_steps")
         if not _is_int(value) or value < 0 or (_is_int(n) and value > n):
-            problems.append(f"boundary_step_index must be an integer step index in [0, infer_steps] (steps before "
-                            f"it use the high-noise expert; 2 for 4 steps), got {value!r}")
-    if settings.get("lora_configs") is not None:
-        problems += _check_lora_configs(settings["lora_configs"], bool(info and info.moe))
+            bad("boundary_step_index", f"boundary_step_index must be an integer step index in [0, infer_steps] "
+                f"(steps before it use the high-noise expert; 2 for 4 steps), got {value!r}")
+    for problem in lora_config_problems(settings.get("lora_configs") or [], bool(info and info.moe)):
+        bad("lora_configs", problem)
 
     if len(problems) == 1:
         raise ConfigError(problems[0])

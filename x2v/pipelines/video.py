@@ -61,10 +61,10 @@ def load_image(image) -> torch.Tensor:
         from PIL import Image
 
         with Image.open(image) as img:
-            image = np.asarray(img.convert("RGB"))
-    elif not isinstance(image, np.ndarray):
-        image = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1
+            image = img.convert("RGB")
+    # A fresh writable array: PIL's buffer and a caller's array are read-only to torch.
+    pixels = np.array(image if isinstance(image, np.ndarray) else image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def load_video(video) -> torch.Tensor:

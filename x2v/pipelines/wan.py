@@ -17,26 +17,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from x2v.errors import ConfigError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
-from x2v.loading.dit import load_dit
+from x2v.formats.metadata import HIGH_NOISE as HIGH, LOW_NOISE as LOW
+from x2v.loading.components import COMPONENTS
+from x2v.loading.dit import finish_dit
+from x2v.loading.load import load_component, load_tokenizer, plan
 from x2v.loading.lora import (
     LoraEntry, LoraReport, apply_loras, attached_loras, detach_loras, set_lora_strength,
 )
-from x2v.loading.resolve import resolve_component, resolve_dit
+from x2v.loading.resolve import model_config_file, resolve_component, resolve_dit
 from x2v.models.t5 import trim_to_lengths
-from x2v.ops.attention import TORCH_SDPA
 from x2v.ops.quant_linear import settle_quant_modes
 from x2v.pipelines import conditioning as cond
-from x2v.pipelines.config import check_frames, guide_scales, resolve_settings
-from x2v.pipelines.offload import DiTOffload, OffloadConfig, offload_encoders
 from x2v.pipelines.schedulers import make_scheduler
+from x2v.pipelines.settings import OutputSettings, SamplingSettings, Settings, resolve_settings
 from x2v.pipelines.video import load_image, load_mask, load_video, to_uint8_frames, write_mp4
+from x2v.runtime.offload import DiTOffload, offload_encoders
 
 log = logging.getLogger(__name__)
-
-HIGH, LOW = "high_noise_model", "low_noise_model"
-ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")  # LightX2V's, in set_attention order
 
 
 @dataclass
@@ -70,12 +70,12 @@ def compile_blocks(dit: torch.nn.Module, device: torch.device | str) -> None:
         block.compile()
 
 
-def model_class_of(dits: dict, settings: dict) -> str:
-    """LightX2V's ``model_cls`` for the loaded weights."""
+def model_class_of(architectures: list, settings: Settings) -> str:
+    """LightX2V's ``model_cls`` for DiT weights of these architectures (one, or Wan2.2's two experts)."""
     distilled = bool(settings.get("denoising_step_list"))
-    if len(dits) == 2:
+    if len(architectures) == 2:
         return "wan2.2_moe_distill" if distilled else "wan2.2_moe"
-    model_type = next(iter(dits.values())).config.model_type
+    model_type = architectures[0].model_type
     if model_type == "ti2v":
         return "wan2.2"
     if model_type == "vace":
@@ -83,8 +83,8 @@ def model_class_of(dits: dict, settings: dict) -> str:
     return "wan2.1_distill" if distilled else "wan2.1"
 
 
-def default_task(dit) -> str:
-    return {"i2v": "i2v", "flf2v": "flf2v", "vace": "vace"}.get(dit.config.model_type, "t2v")
+def default_task(architecture) -> str:
+    return {"i2v": "i2v", "flf2v": "flf2v", "vace": "vace"}.get(architecture.model_type, "t2v")
 
 
 @contextmanager
@@ -103,66 +103,74 @@ def peak_memory(device: torch.device) -> int:
 
 
 class Pipeline:
-    def __init__(self, *, model_cls: str, task: str, settings: dict, components: dict, device: torch.device,
-                 dtype: torch.dtype, offload: OffloadConfig, load_seconds: float = 0.0):
-        self.model_cls, self.task, self.settings = model_cls, task, settings
+    def __init__(self, *, settings: Settings, components: dict, device: torch.device, dtype: torch.dtype,
+                 load_seconds: float = 0.0):
+        self.settings = settings
+        self.model_cls, self.task = settings.model_cls, settings.task
         self.tokenizer, self.text_encoder = components["tokenizer"], components["t5"]
         self.dits, self.vae, self.clip = components["dits"], components["vae"], components.get("clip")
         self.device, self.dtype, self.load_seconds = device, dtype, load_seconds
-        self.offload = DiTOffload(self.dits, device, offload)
+        self.offload = DiTOffload(self.dits, device, settings.offload)
 
     @classmethod
-    def from_pretrained(cls, model_path: str | Path, model_cls: str | None = None, task: str | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        config_json: str | Path | dict | None = None, **config) -> Pipeline:
+    def from_pretrained(cls, model_path: str | Path | None = None, model_cls: str | None = None,
+                        task: str | None = None, *, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, config_json: str | Path | dict | None = None,
+                        **config) -> Pipeline:
         """Load every component of ``model_path``. ``config_json`` (a LightX2V-style file or dict) and keyword
-        settings (LightX2V key names) override the defaults, keywords last."""
+        settings (LightX2V key names, e.g. ``infer_steps=4``, ``dit_quant_scheme="fp8-vllm"``) override the
+        defaults, keywords last (docs/config.md)."""
+        keywords = {**config, "model_path": model_path, "model_cls": model_cls, "task": task}
+        return cls.load(resolve_settings(config_json=config_json, keywords=keywords), device=device, dtype=dtype)
+
+    @classmethod
+    def load(cls, settings: Settings, *, device: str | torch.device | None = None,
+             dtype: torch.dtype | None = None) -> Pipeline:
+        """Load the model ``settings`` (from ``resolve_settings``) describe. The DiT files' headers say what the
+        model is; the settings are completed for it and checked before any weight is read."""
         start = time.perf_counter()
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        user = jsonc.load(config_json) if isinstance(config_json, (str, Path)) else dict(config_json or {})
-        raw = {**user, **{k: v for k, v in config.items() if v is not None}}
-        found = resolve_dit(model_path, raw)
-        # Experts wait on the CPU; only the active one is moved to the GPU during sampling.
-        offload = OffloadConfig.from_settings(raw)  # checked before anything loads
-        dit_device = "cpu" if len(found) == 2 else offload.place("dit", device)
-        dits = {name: load_dit(f.path, dtype=dtype, device=dit_device, dit_quantized=raw.get("dit_quantized"),
-                               quant_scheme=raw.get("dit_quant_scheme")) for name, f in found.items()}
-        main = next(iter(dits.values()))
-        model_cls = model_cls or raw.get("model_cls") or model_class_of(dits, raw)
-        task = task or raw.get("task") or default_task(main)
-        check_task(main.config, task, str(next(iter(found.values())).path))
-        settings, warnings = resolve_settings(model_cls, task, config_file=user, overrides=config)
-        for warning in warnings:
+        sources, model_path = settings.sources, settings.model_path
+        if model_path is None and not sources.files:
+            raise ConfigError("model_path is not set: pass the model folder or a DiT file (--model_path, "
+                              "model_path=, or the config key), or name the files with dit_original_ckpt & co.")
+        found = resolve_dit(model_path or "", sources)
+        plans = {name: plan(COMPONENTS["dit"], f.path, sources.quant("dit")) for name, f in found.items()}
+        main = next(iter(plans.values()))
+        model_cls = settings.model_cls or model_class_of([p.architecture for p in plans.values()], settings)
+        task = settings.task or default_task(main.architecture)
+        check_task(main.architecture, task, main.source)
+        config_file = model_config_file(model_path, found)
+        settings = settings.for_model(model_cls, task, jsonc.load(config_file) if config_file else None, config_file)
+        for warning in settings.warnings:
             log.warning(warning)
-        # After the settings are checked (entries, Wan2.2 "name"s): each expert takes the entries naming it.
-        for name, dit in dits.items():
-            apply_loras(dit, settings.get("lora_configs") or [], dynamic=bool(settings.get("lora_dynamic_apply")),
-                        strict=bool(settings.get("lora_strict")), expert=name if len(dits) == 2 else None)
-            dit.set_attention(*(settings.get(key) or TORCH_SDPA for key in ATTENTION_KEYS))
-            if settings.get("use_compile"):
+
+        offload, lora = settings.offload, settings.lora
+        # Experts wait on the CPU; only the active one is moved to the GPU during sampling.
+        dit_device = "cpu" if len(found) == 2 else offload.place("dit", device)
+        dits = {name: finish_dit(planned, dtype=dtype, device=dit_device, expert=name if len(plans) == 2 else None,
+                                 lora_configs=lora.entries, lora_dynamic_apply=lora.dynamic, lora_strict=lora.strict)
+                for name, planned in plans.items()}
+        for dit in dits.values():
+            dit.set_attention(*settings.attention.types)
+            if settings.attention.compile:
                 compile_blocks(dit, device)
 
-        import x2v
-
         def locate(name: str) -> Path:
-            return resolve_component(name, model_path, raw).path
+            return resolve_component(name, model_path or main.checkpoint, sources).path
 
-        components = {
-            "dits": dits,
-            "tokenizer": x2v.load_tokenizer(locate("tokenizer"), text_len=main.config.text_len),
-            "t5": x2v.load_text_encoder(locate("t5"), dtype=dtype, device=offload.place("t5", device),
-                                        quantized=raw.get("t5_quantized"), quant_scheme=raw.get("t5_quant_scheme")),
-            "vae": x2v.load_vae(locate("vae"), device=offload.place("vae", device)),
-        }
-        if main.config.image_branch:
-            components["clip"] = x2v.load_image_encoder(locate("clip"), dtype=dtype,
-                                                        device=offload.place("clip", device),
-                                                        quantized=raw.get("clip_quantized"),
-                                                        quant_scheme=raw.get("clip_quant_scheme"))
+        def load(name: str) -> torch.nn.Module:
+            return load_component(name, locate(name), dtype=None if name == "vae" else dtype,
+                                  device=offload.place(name, device), quantization=sources.quant(name))
+
+        components = {"dits": dits, "tokenizer": load_tokenizer(locate("tokenizer"), text_len=main.architecture.text_len),
+                      "t5": load("t5"), "vae": load("vae")}
+        if main.architecture.image_branch:
+            components["clip"] = load("clip")
         offload_encoders(components, device, offload)
-        return cls(model_cls=model_cls, task=task, settings=settings, components=components, device=device,
-                   dtype=dtype, offload=offload, load_seconds=time.perf_counter() - start)
+        return cls(settings=settings, components=components, device=device, dtype=dtype,
+                   load_seconds=time.perf_counter() - start)
 
     # --- LoRAs ------------------------------------------------------------------------------------------------
 
@@ -173,7 +181,7 @@ class Pipeline:
         entry = LoraEntry.from_config({"path": str(path), "strength": strength, "alpha": alpha, "name": name})
         reports = []
         for expert, dit in self.dits.items():
-            reports += apply_loras(dit, [entry], dynamic=True, strict=bool(self.settings.get("lora_strict")),
+            reports += apply_loras(dit, [entry], dynamic=True, strict=self.settings.lora.strict,
                                    expert=expert if len(self.dits) == 2 else None)
         return reports[0]
 
@@ -193,59 +201,68 @@ class Pipeline:
         the weights are the base model's again, bit for bit. LoRAs merged at load stay until the model is reloaded."""
         for dit in self.dits.values():
             detach_loras(dit)
-        if self.settings.get("lora_configs") and not self.settings.get("lora_dynamic_apply"):
+        if self.settings.lora.entries and not self.settings.lora.dynamic:
             log.warning("the lora_configs LoRAs were merged into the weights at load and stay; reload the pipeline "
                         "without them, or set lora_dynamic_apply true to be able to remove them.")
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, *, negative_prompt: str | None = None, image=None, last_image=None,
+    def generate(self, prompt: str | None = None, *, negative_prompt: str | None = None, image=None, last_image=None,
                  src_video=None, src_mask=None, src_ref_images=None, seed: int | None = None,
                  save_result_path: str | Path | None = None, progress: bool = True, **overrides) -> GenerationResult:
         """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1];
         ``src_video`` / ``src_mask`` (VACE): mp4 paths or tensors ``[3, F, H, W]`` / ``[F, H, W]`` (1 = generate);
-        ``src_ref_images`` (VACE): a list of images the video should contain.
-        ``overrides`` are per-request settings (``infer_steps``, ``target_video_length``, ``sample_guide_scale``...).
-        Same seed and inputs give the same video."""
-        s = {**self.settings, **{k: v for k, v in overrides.items() if v is not None}}
-        seed = int(s.get("seed", 42) if seed is None else seed)
-        if seed < 0:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        frames = check_frames(int(s["target_video_length"]), self.task)
+        ``src_ref_images`` (VACE): a list of images the video should contain. Inputs left out come from the settings
+        (``prompt``, ``image_path``, ``last_frame_path``, ``src_video``, ...), as LightX2V's command line gives them.
+        ``overrides`` are per-request settings (``infer_steps``, ``target_video_length`` / ``num_frames``,
+        ``sample_guide_scale``...), checked as a config file's are. Same seed and inputs give the same video."""
+        request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
+                   "save_result_path": save_result_path, **overrides}
+        s = self.settings.for_request(request)
+        for warning in s.warnings:
+            log.warning(warning)
+        prompt = s.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("no prompt: say what the video shows (--prompt \"...\", generate(\"...\") or the "
+                              "config key prompt)")
+        sampling, output = s.sampling, s.output
+        seed = sampling.seed if sampling.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
         timings = {"load": self.load_seconds} if self.load_seconds else {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        cfg = bool(s.get("enable_cfg", True))
+        refs = s.get("src_ref_images") if src_ref_images is None else src_ref_images
+        if isinstance(refs, str):  # LightX2V's flag: comma-separated paths
+            refs = [path for path in refs.split(",") if path]
         with torch.inference_mode():
             with timed(timings, "text encode", self.device):
-                prompts = [prompt] + ([negative_prompt or s["negative_prompt"]] if cfg else [])
+                prompts = [prompt] + ([sampling.negative_prompt] if sampling.cfg else [])
                 ids, mask = self.tokenizer(prompts)
                 contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
-            vace_sources = (src_video, src_mask, src_ref_images or [])
-            inputs = self.prepare_inputs(s, frames, image, last_image, vace_sources, timings)
+            images = (s.get("image_path") if image is None else image,
+                      s.get("last_frame_path") if last_image is None else last_image)
+            vace_sources = (s.get("src_video") if src_video is None else src_video,
+                            s.get("src_mask") if src_mask is None else src_mask, refs or [])
+            inputs = self.prepare_inputs(output, *images, vace_sources, timings)
             with timed(timings, "denoise", self.device), self.offload.denoising():
-                latents = self.denoise(s, inputs, contexts, seed, progress)
+                latents = self.denoise(sampling, inputs, contexts, seed, progress)
             with timed(timings, "decode", self.device):
                 # VACE reference images are extra latent frames in front; they are not part of the video.
-                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float(),
-                                        tiled=bool(s.get("use_tiling_vae")))[0]
-        result = GenerationResult(to_uint8_frames(video), int(s["fps"]), video.cpu(), seed, timings=timings,
+                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float(), tiled=output.tiled_vae)[0]
+        result = GenerationResult(to_uint8_frames(video), output.fps, video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
-        path = save_result_path or s.get("save_result_path")
-        if path:
+        if output.save_path:
             with timed(timings, "save", self.device):
-                result.path = write_mp4(result.frames, path, result.fps)
+                result.path = write_mp4(result.frames, output.save_path, result.fps)
         return result
 
     def encode(self, video: torch.Tensor, tiled: bool) -> torch.Tensor:
         """VAE latents of ``video`` [B, 3, F, H, W] (``tiled``: the request's ``use_tiling_vae``)."""
         return self.vae.encode(video.to(self.device), tiled=tiled)
 
-    def prepare_inputs(self, s, frames, image, last_image, vace_sources, timings) -> dict:
+    def prepare_inputs(self, output: OutputSettings, image, last_image, vace_sources, timings) -> dict:
         """Latent shape and the conditioning the DiT takes (``y``, ``clip_fea``, ``vace_context``, TI2V image)."""
         stride_t, stride_h, stride_w = self.vae.stride
-        height, width = int(s["target_height"]), int(s["target_width"])
-        tiled = bool(s.get("use_tiling_vae"))
+        frames, height, width, tiled = output.frames, output.height, output.width, output.tiled_vae
         inputs: dict = {}
         if self.task in ("i2v", "flf2v"):
             if image is None:
@@ -302,13 +319,13 @@ class Pipeline:
             refs.append(torch.cat([latent, torch.zeros_like(latent), context.new_zeros(1, 64, *latent.shape[2:])], 1))
         return {"vace_context": torch.cat([*refs, context], dim=2), "ref_frames": len(refs)}
 
-    def expert_for(self, s: dict, step: int, t: torch.Tensor) -> str:
+    def expert_for(self, sampling: SamplingSettings, step: int, t: torch.Tensor) -> str:
         """Wan2.2 A14B: high-noise expert while t >= boundary * 1000 (distilled: for the first steps)."""
         if len(self.dits) == 1:
             return next(iter(self.dits))
-        if s["sample_solver"] == "distill":
-            return HIGH if step < int(s["boundary_step_index"]) else LOW
-        return HIGH if float(t) >= float(s["boundary"]) * 1000 else LOW
+        if sampling.boundary_step is not None:
+            return HIGH if step < sampling.boundary_step else LOW
+        return HIGH if float(t) >= sampling.boundary * 1000 else LOW
 
     def activate(self, name: str) -> torch.nn.Module:
         """Move the chosen expert to the compute device and the other one off it (with cpu_offload: as
@@ -320,14 +337,14 @@ class Pipeline:
                 model.to("cpu")
         return self.dits[name].to(self.device)
 
-    def denoise(self, s: dict, inputs: dict, contexts: list[torch.Tensor], seed: int, progress: bool) -> torch.Tensor:
-        noise_device = self.device if s["noise_device"] == "device" else torch.device(s["noise_device"])
+    def denoise(self, s: SamplingSettings, inputs: dict, contexts: list[torch.Tensor], seed: int,
+                progress: bool) -> torch.Tensor:
+        noise_device = self.device if s.noise_device == "device" else torch.device(s.noise_device)
         generator = torch.Generator(noise_device).manual_seed(seed)
         x = torch.randn(inputs["shape"], generator=generator, device=noise_device).to(self.device)
-        distill = s["sample_solver"] == "distill"
-        scheduler = make_scheduler(s["sample_solver"], None if distill else int(s["infer_steps"]),
-                                   float(s["sample_shift"]), denoising_step_list=s["denoising_step_list"] if distill else None)
-        scales = guide_scales(s, moe=len(self.dits) == 2)
+        steps = list(s.denoising_steps) if s.denoising_steps else None
+        scheduler = make_scheduler(s.solver, None if steps else s.steps, s.shift, denoising_step_list=steps)
+        scales = s.guide_scales
         first_latent = inputs.get("first_latent")
         if first_latent is not None:
             keep = torch.ones_like(x)

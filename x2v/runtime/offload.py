@@ -42,16 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from x2v.formats.readers import FileMappings, read_pages, release_pages
+from x2v.errors import ConfigError
 from x2v.ops.quant_linear import QuantLinear
-from x2v.pipelines.config import ConfigError
+from x2v.runtime.pages import FileMappings, read_pages, release_pages
 
 GRANULARITIES = ("block", "phase", "model")
-DIT_BLOCK_LISTS = ("vace_blocks", "blocks")  # in WanDiT.forward's order: the VACE branch runs first
-# Phases of a Wan block; the block's own tensor (modulation) goes with the first. VACE blocks call before_proj
-# just before the block and after_proj just after it, outside the block's forward.
-PHASES = {"self_attn": ("self_attn", "before_proj"), "cross_attn": ("norm3", "cross_attn"),
-          "ffn": ("ffn", "after_proj")}
 EXPERT_MARGIN = 2 * 2**30  # bytes left for the running step's activations when the next expert is copied early
 
 
@@ -60,7 +55,7 @@ EXPERT_MARGIN = 2 * 2**30  # bytes left for the running step's activations when 
 
 @dataclass(frozen=True)
 class OffloadConfig:
-    """The offload keys of one pipeline, checked."""
+    """The offload keys of one pipeline (read and checked by ``x2v.pipelines.settings``)."""
 
     cpu_offload: bool = False
     granularity: str = "block"
@@ -69,44 +64,6 @@ class OffloadConfig:
     t5: bool = False
     clip: bool = False
     vae: bool = False
-
-    @classmethod
-    def from_settings(cls, settings: dict) -> OffloadConfig:
-        """Read LightX2V's keys; every problem is named with its fix in one ``ConfigError``."""
-        problems: list[str] = []
-
-        def flag(key: str, default: bool) -> bool:
-            value = settings.get(key)
-            if value is None:
-                return default
-            if not isinstance(value, bool):
-                problems.append(f"{key} must be true or false, got {value!r}")
-            return bool(value)
-
-        cpu = flag("cpu_offload", False)
-        granularity = settings.get("offload_granularity") or "block"
-        if granularity not in GRANULARITIES:
-            problems.append(f"offload_granularity must be one of {', '.join(GRANULARITIES)}, got {granularity!r}")
-        lazy = flag("lazy_load", False)
-        workers = settings.get("num_disk_workers")
-        workers = 4 if workers is None else workers
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            problems.append(f"num_disk_workers must be a positive integer (threads reading blocks), got {workers!r}")
-        if lazy and not cpu:
-            problems.append("lazy_load needs cpu_offload: true (blocks stream from the file to the device)")
-        if lazy and granularity == "model":
-            problems.append('lazy_load streams blocks: offload_granularity must be "block" or "phase", not "model"')
-        if lazy and settings.get("lora_configs") and not settings.get("lora_dynamic_apply"):
-            problems.append("lazy_load reads the blocks from the checkpoint as they run, so LoRAs cannot be merged "
-                            "into them: set lora_dynamic_apply true (the LoRA runs as a low-rank branch), or turn "
-                            "lazy_load off")
-        if cpu and granularity != "model" and settings.get("use_compile"):
-            problems.append("use_compile is not supported with cpu_offload block / phase yet (the blocks' weights "
-                            'and hooks change every call); set offload_granularity "model" or turn use_compile off')
-        if problems:
-            raise ConfigError("; ".join(problems))
-        return cls(cpu, granularity, lazy, workers, flag("t5_cpu_offload", cpu), flag("clip_cpu_offload", cpu),
-                   flag("vae_cpu_offload", cpu))
 
     def place(self, component: str, device: torch.device) -> torch.device:
         """Where ``component`` ("dit", "t5", "clip", "vae") is loaded: the host when it is offloaded."""
@@ -162,8 +119,17 @@ def whole(name: str, model: nn.Module) -> Unit:
     return Unit(name, list(model.modules()))
 
 
+def block_lists(model: nn.Module) -> tuple[str, ...]:
+    """The block lists a model streams, as it declares them (``OFFLOAD_BLOCKS``: attribute names, in the order
+    its forward runs them)."""
+    lists = getattr(model, "OFFLOAD_BLOCKS", None)
+    if lists is None:
+        raise ValueError(f"{type(model).__name__} does not declare OFFLOAD_BLOCKS, so its blocks cannot be streamed")
+    return lists
+
+
 def block_units(model: nn.Module, lists: tuple[str, ...], granularity: str) -> list[Unit]:
-    """The streamed units of ``model``'s block lists, in execution order."""
+    """The streamed units of ``model``'s block lists ``lists``, in execution order."""
     units = []
     for attr in lists:
         for i, block in enumerate(getattr(model, attr, ())):
@@ -173,22 +139,25 @@ def block_units(model: nn.Module, lists: tuple[str, ...], granularity: str) -> l
 
 
 def phase_units(name: str, block: nn.Module) -> list[Unit]:
+    """A block's phases as it declares them (``OFFLOAD_PHASES``: phase -> the children it uses, in running order;
+    the block's own tensors go with the first)."""
+    phases = getattr(block, "OFFLOAD_PHASES", {})
     children = dict(block.named_children())
-    unknown = sorted(set(children) - {child for members in PHASES.values() for child in members})
-    if unknown:
-        raise ValueError(f"{name}: phase offload does not know the phase of {unknown}; use offload_granularity "
-                         '"block"')
+    unknown = sorted(set(children) - {child for members in phases.values() for child in members})
+    if unknown or not phases:
+        raise ValueError(f"{name}: phase offload does not know the phase of {unknown or 'its children'}; use "
+                         'offload_granularity "block"')
     units = []
-    for i, (phase, members) in enumerate(PHASES.items()):
+    for i, (phase, members) in enumerate(phases.items()):
         modules = [block] if i == 0 else []
         modules += [m for child in members if child in children for m in children[child].modules()]
         units.append(Unit(f"{name}.{phase}", modules))
     return units
 
 
-def rest_unit(model: nn.Module, lists: tuple[str, ...]) -> Unit:
+def rest_unit(model: nn.Module) -> Unit:
     """Everything of ``model`` outside its block lists."""
-    streamed = {id(m) for attr in lists for m in getattr(model, attr, nn.ModuleList()).modules()}
+    streamed = {id(m) for attr in block_lists(model) for m in getattr(model, attr, nn.ModuleList()).modules()}
     return Unit("rest", [m for m in model.modules() if id(m) not in streamed])
 
 
@@ -397,22 +366,21 @@ class BlockStreaming:
     starts copying the next one, then waits for its own copy. Hooks live only during the call.
     """
 
-    def __init__(self, model: nn.Module, streamer: Streamer, lists: tuple[str, ...] = ("blocks",),
-                 granularity: str = "block"):
-        self.model, self.streamer, self.lists, self.granularity = model, streamer, lists, granularity
+    def __init__(self, model: nn.Module, streamer: Streamer, granularity: str = "block"):
+        self.model, self.streamer, self.granularity = model, streamer, granularity
+        self.lists = block_lists(model)
         self.inner = model.forward
         self.current: Unit | None = None
         functools.update_wrapper(self, self.inner)
         model.forward = self
 
     def plan(self, kwargs: dict) -> tuple[Unit, list[Unit]]:
-        lists = self.lists
-        if "vace_blocks" in lists and kwargs.get("vace_context") is None:
-            lists = tuple(attr for attr in lists if attr != "vace_blocks")  # the VACE branch does not run
-        units = block_units(self.model, lists, self.granularity)
+        # A model may run fewer lists for some calls (the DiT without a VACE context); it says which.
+        running = getattr(self.model, "running_blocks", None)
+        units = block_units(self.model, running(**kwargs) if running else self.lists, self.granularity)
         layouts = Counter(layout_of(refs, [get_tensor(r) for r in refs]) for refs in (u.refs() for u in units))
         self.streamer.keep({layout for layout, count in layouts.items() if count > 1})
-        return rest_unit(self.model, self.lists), units
+        return rest_unit(self.model), units
 
     def __call__(self, *args, **kwargs):
         rest, units = self.plan(kwargs)
@@ -464,10 +432,10 @@ def offload_calls(module: nn.Module, device: torch.device, methods: tuple[str, .
 
 def offload_encoders(components: dict, device: torch.device, config: OffloadConfig) -> None:
     """t5 / clip: blocks streamed during each call; vae: whole for each encode / decode. Loaded on the host."""
-    for key, flag, lists in (("t5", config.t5, ("blocks",)), ("clip", config.clip, ("transformer",))):
+    for key, flag in (("t5", config.t5), ("clip", config.clip)):
         if flag and components.get(key) is not None:
             prepare_host(components[key], device)
-            BlockStreaming(components[key], Streamer(device), lists)
+            BlockStreaming(components[key], Streamer(device))
     if config.vae:
         prepare_host(components["vae"], device)
         offload_calls(components["vae"], device, ("encode", "decode"))
@@ -481,11 +449,11 @@ def prepare_host(model: nn.Module, device: torch.device) -> None:
 # --- the DiTs of a pipeline --------------------------------------------------------------------------------------
 
 
-def check_lazy(model: nn.Module, lists: tuple[str, ...]) -> None:
+def check_lazy(model: nn.Module) -> None:
     """lazy_load streams the checkpoint's bytes: each block linear weight must still be a view of the file (its
     dtype and quantization as stored). Pages read while loading are handed back."""
     mappings = FileMappings()
-    for attr in lists:
+    for attr in block_lists(model):
         for name, module in getattr(model, attr, nn.ModuleList()).named_modules(prefix=attr):
             if isinstance(module, (nn.Linear, QuantLinear)) and mappings.pages(module.weight) is None:
                 raise ConfigError(
@@ -521,11 +489,11 @@ class DiTOffload:
         self.streamer = Streamer(device, lazy=config.lazy_load, disk_workers=config.disk_workers, trace=trace)
         for dit in dits.values():
             if config.lazy_load:
-                check_lazy(dit, DIT_BLOCK_LISTS)
+                check_lazy(dit)
             else:
                 prepare_host(dit, self.device)
             if config.granularity != "model":
-                BlockStreaming(dit, self.streamer, DIT_BLOCK_LISTS, config.granularity)
+                BlockStreaming(dit, self.streamer, config.granularity)
 
     @property
     def enabled(self) -> bool:
