@@ -16,78 +16,35 @@ Weights are random (the timing does not depend on them). Both models share the s
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import torch
+from harness import (
+    SIZES,
+    Results,
+    add_input_arguments,
+    add_json_argument,
+    add_timing_arguments,
+    diffusers_forward,
+    diffusers_model,
+    dit_inputs,
+    free_memory,
+    latent_input,
+    make_parser,
+    peak_gib,
+    relative_l2,
+    timed_alternating,
+    x2v_model,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from x2v.errors import first_line  # noqa: E402
-from x2v.formats.dit_keys import diffusers_key_to_official  # noqa: E402
-from x2v.formats.quant import FLOAT  # noqa: E402
-from x2v.loading.quantized import prepare_quantized  # noqa: E402
-from x2v.loading.weights import assign_weights, build_on_meta  # noqa: E402
-from x2v.models.wan_dit import FP32_PARAMS, WanDiT, WanDiTConfig  # noqa: E402
-from x2v.ops.attention import TORCH_SDPA, attention, failed_types, kernel  # noqa: E402
-from x2v.ops.fused import compiled_only, unfused  # noqa: E402
-from x2v.pipelines.wan import compile_blocks  # noqa: E402
-
-SIZES = {
-    "tiny": WanDiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2),
-    "1.3B": WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "14B": WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-}
-
-
-def diffusers_model(cfg: WanDiTConfig, dtype: torch.dtype, device: str):
-    """diffusers' model with random weights, made on meta and filled on the device (no slow CPU init)."""
-    from diffusers import WanTransformer3DModel
-
-    with torch.device("meta"):
-        model = WanTransformer3DModel(
-            patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim,
-            in_channels=cfg.in_dim, out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim,
-            ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-            eps=cfg.eps,
-        )
-    model = model.to_empty(device=device).to(dtype)
-    generator = torch.Generator(device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=generator)
-        # As from_pretrained(torch_dtype=bf16) does: these modules stay in float32.
-        for name, p in model.named_parameters():
-            if any(part in name.split(".") for part in model._keep_in_fp32_modules):
-                p.data = p.data.float()
-        # The RoPE tables are buffers computed at construction (not in checkpoints): to_empty left them
-        # uninitialised, so they are computed again, in float32 as diffusers keeps them.
-        rope = model.rope
-        fresh = type(rope)(rope.attention_head_dim, rope.patch_size, rope.max_seq_len)
-        for name, buffer in fresh.named_buffers():
-            setattr(rope, name, buffer.to(device, torch.float32))
-    return model.eval()
-
-
-def x2v_model(cfg: WanDiTConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: str,
-              quant: str | None = None) -> WanDiT:
-    """x2v's model over the same tensors (renamed; only the small float32 ones are copied), or quantized to
-    ``quant`` ("fp8"/"int8") the way load_dit quantizes a float file."""
-    official = {diffusers_key_to_official(k): v for k, v in weights.items()}
-    model = build_on_meta(lambda: WanDiT(cfg))
-    official = prepare_quantized(model, official, FLOAT, quantize_kind=quant, component="dit", dtype=dtype,
-                                 device=device, keep_fp32=FP32_PARAMS)
-    return assign_weights(model, official, dtype=dtype, device=device, keep_fp32=FP32_PARAMS)
+from x2v.errors import first_line
+from x2v.models.wan_dit import WanDiT, WanDiTConfig
+from x2v.ops.attention import TORCH_SDPA, attention, failed_types, kernel
+from x2v.ops.fused import compiled_only, unfused
+from x2v.pipelines.wan import compile_blocks
 
 
 def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int = 512) -> float:
@@ -102,44 +59,6 @@ def forward_flops(cfg: WanDiTConfig, tokens: int, text_tokens: int = 512) -> flo
     return cfg.num_layers * per_block
 
 
-def latent_input(args: argparse.Namespace, device: str) -> tuple[tuple[int, ...], int]:
-    """The Wan2.1 latent shape and token count of ``--frames/--height/--width``, printed with the device."""
-    latent = (1, 16, (args.frames - 1) // 4 + 1, args.height // 8, args.width // 8)
-    tokens = latent[2] * (latent[3] // 2) * (latent[4] // 2)
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}, torch {torch.__version__}")
-    print(f"input: {args.height}x{args.width}, {args.frames} frames -> latent {latent[1:]}, {tokens} tokens")
-    return latent, tokens
-
-
-def relative_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def timed_alternating(fns, warmup: int, iters: int, device: str, names: list[str] | None = None) -> list[float]:
-    """Mean seconds of each function, run in turns (a, b, a, b, ...) so clock and thermal drift hit both alike;
-    with ``names``, each round's seconds are printed as it ends (a run cut short still reports)."""
-    def sync():
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        for fn in fns:
-            fn()
-    totals = [0.0] * len(fns)
-    for round_ in range(iters):
-        seconds = []
-        for i, fn in enumerate(fns):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            seconds.append(time.perf_counter() - start)
-            totals[i] += seconds[-1]
-        if names:
-            print(f"round {round_ + 1}: " + ", ".join(f"{n} {t:.3f} s" for n, t in zip(names, seconds)), flush=True)
-    return [t / iters for t in totals]
-
-
 def profile(name: str, fn, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -152,15 +71,6 @@ def profile(name: str, fn, rows: int) -> None:
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"--- {name}: top operators by self time")
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60))
-
-
-def add_input_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model sizes, video shape and device (shared with benchmarks/offload.py)."""
-    parser.add_argument("--sizes", nargs="+", default=["1.3B", "14B"], choices=list(SIZES))
-    parser.add_argument("--frames", type=int, default=81)
-    parser.add_argument("--height", type=int, default=480)
-    parser.add_argument("--width", type=int, default=832)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -270,11 +180,10 @@ def sage_triton_calls(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     add_input_arguments(parser)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each after the accuracy run")
-    parser.add_argument("--iters", type=int, default=3)
+    add_timing_arguments(parser, warmup_help="untimed runs of each after the accuracy run")
     parser.add_argument("--variants", nargs="*", metavar="VARIANT",
                         help="x2v configurations next to diffusers: WEIGHTS[-OPTION...] with WEIGHTS the dtype "
                              "(bf16), fp8 or int8, and options 'compiled' (use_compile), 'unfused' (norms op by op) "
@@ -283,7 +192,7 @@ def main() -> None:
     parser.add_argument("--attention-check", nargs="*", metavar="TYPE",
                         help="also time these attention types alone (torch_sdpa always) at the self- and "
                              "cross-attention's shapes, with their accuracy against float32 and bf16 SDPA")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    add_json_argument(parser)
     parser.add_argument("--profile", type=int, nargs="?", const=18, default=0, metavar="ROWS",
                         help="print the top operators of one forward of each")
     args = parser.parse_args()
@@ -293,17 +202,15 @@ def main() -> None:
     variants = [Variant.parse(name, args.dtype) for name in (default if args.variants is None else args.variants)]
 
     latent, tokens = latent_input(args, device)
-    results = []
+    results = Results(args.json)
     for size in args.sizes:
         cfg = SIZES[size]
         if args.attention_check is not None:
-            results += attention_check([TORCH_SDPA, *args.attention_check], cfg, tokens, device, args.iters)
-            if args.json:
-                args.json.write_text(json.dumps(results, indent=2))
+            results.add(*attention_check([TORCH_SDPA, *args.attention_check], cfg, tokens, device, args.iters))
         if not variants:
             continue
         reference = diffusers_model(cfg, dtype, device)
-        models = {"diffusers": lambda x, t, c: reference(x, t, c, return_dict=False)[0]}
+        models = {"diffusers": diffusers_forward(reference)}
         shared: dict[str, WanDiT] = {}  # one model per weight kind for the variants that do not compile
         for variant in variants:
             quant = None if variant.weights == args.dtype else variant.weights
@@ -315,10 +222,7 @@ def main() -> None:
                     shared[variant.weights] = model
             models[f"x2v {variant.name}"] = variant.runner(model if variant.compiled else shared[variant.weights])
         variant_of = {f"x2v {variant.name}": variant for variant in variants}
-        g = torch.Generator(device).manual_seed(1)
-        x = torch.randn(latent, generator=g, device=device, dtype=dtype)
-        context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
-        t = torch.tensor([900], device=device)
+        x, t, context = dit_inputs(cfg, latent, dtype, device)
 
         with torch.inference_mode():
             ref_out = models["diffusers"](x, t, context).float()
@@ -337,13 +241,13 @@ def main() -> None:
                 print(f"{size} {name}: rel. L2 to diffusers {rel[name]:.1e}, to {list(models)[1]} "
                       f"{relative_l2(out, first):.1e}", flush=True)
             ref_out = out = first = None  # freed before timing
-            runs = [lambda m=m: m(x, t, context) for m in models.values()]
+            runs = [partial(m, x, t, context) for m in models.values()]
             times = dict(zip(models, timed_alternating(runs, args.warmup, args.iters, device, list(models))))
             if args.profile:
                 for name, run in zip(models, runs):
                     profile(name, run, args.profile)
         flops = forward_flops(cfg, tokens)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+        peak = peak_gib(device)
         line = [f"{size:>5}: diffusers {args.dtype} {times['diffusers']:.3f} s"]
         for name, seconds in times.items():
             ratio = seconds / times["diffusers"]
@@ -354,12 +258,9 @@ def main() -> None:
                 line.append(f"{name} {seconds:.3f} s ({ratio:.3f}x, {flops / seconds / 1e12:.0f} TFLOP/s, "
                             f"rel. L2 {rel[name]:.1e})")
         print(" | ".join(line), flush=True)
-        del reference, models, runs, shared, x, context
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        if args.json:  # after each size: a run cut short still leaves what it measured
-            args.json.write_text(json.dumps(results, indent=2))
+        del reference, models, runs, shared, x, t, context
+        free_memory(device, reset_peak=True)
+        results.save()  # after each size: a run cut short still leaves what it measured
     assert all(math.isfinite(r.get("rel_diff_to_diffusers", 0.0)) for r in results)
 
 

@@ -11,6 +11,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #   same -d .whl_gpu nvidia-cudnn-frontend==1.32.0 av ftfy wcwidth   (cudnn_fp8; mp4 writing; umT5's text cleaning)
+# (pytest, for the gpu_check step, is in the image: /work/.library/device/KINDS.md lists it.)
 #
 # Order: the speed issue's targets first, then the correctness checks, then the extras.
 set -u
@@ -41,9 +42,10 @@ step() {  # name, seconds, command...
 #    (-inductor); then fp8 with SDPA and with sage_triton (figures: docs/performance.md; about 205 s).
 step forward_14b 300 python3 benchmarks/dit_step.py --sizes 14B --iters 2 \
   --variants bf16 bf16-inductor fp8-cudnn_fp8 fp8-cudnn_fp8-inductor fp8 fp8-sage_triton --json "$OUT/forward_14b.json"
-# 2. Correctness on the card: row kernels, 8-bit attention types (and cudnn_fp8's fp8 hand-over to the fp8
-#    o-projection), pipelines GPU vs CPU, 8-bit linears, offload modes.
-step gpu_check 180 python3 benchmarks/gpu_check.py
+# 2. Correctness on the card, the GPU tests (tests/test_gpu.py, marked gpu): row kernels, 8-bit attention types
+#    (and cudnn_fp8's fp8 hand-over to the fp8 o-projection), quantized loading and 8-bit linears, pipelines GPU vs
+#    CPU, offload modes. Failures are listed at the end of the log (pytest's short summary).
+step gpu_check 180 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
 # 3. Each row kernel against its Inductor-compiled function at 14B / 480P shapes, and with 4 / 8 / 16 warps: ms and
 #    memory speed.
 step row_kernels 180 python3 benchmarks/row_kernel_speed.py --json "$OUT/row_kernels.json"

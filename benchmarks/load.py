@@ -25,13 +25,12 @@ import time
 from pathlib import Path
 
 import torch
+from harness import SIZES, add_json_argument, diffusers_on_meta
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from x2v.loading.weights import build_on_meta
+from x2v.models.wan_dit import WanDiT
 
-from x2v.loading.weights import build_on_meta  # noqa: E402
-from x2v.models.wan_dit import WanDiT, WanDiTConfig  # noqa: E402
-
-CONFIG = WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30)  # Wan2.1 T2V-1.3B
+CONFIG = SIZES["1.3B"]  # Wan2.1 T2V-1.3B
 SHARDS = 3
 OFFICIAL = "official"  # sharded fp32 checkpoint + index + config.json, as Wan-AI publishes it
 SINGLE = "single/diffusion_pytorch_model.safetensors"  # the same tensors in one file, for from_single_file
@@ -72,8 +71,6 @@ def write_checkpoint(directory: Path) -> None:
 
 
 def write_files(partial: Path) -> None:
-    from diffusers import WanTransformer3DModel
-
     from x2v.formats.readers import read_checkpoint
 
     official = partial / OFFICIAL
@@ -106,14 +103,7 @@ def write_files(partial: Path) -> None:
     (partial / SINGLE).parent.mkdir()
     write_safetensors(partial / SINGLE, names, shape_of, tensors.__getitem__)
     del tensors
-    with torch.device("meta"):
-        diffusers_model = WanTransformer3DModel(
-            patch_size=CONFIG.patch_size, num_attention_heads=CONFIG.num_heads, attention_head_dim=CONFIG.head_dim,
-            in_channels=CONFIG.in_dim, out_channels=CONFIG.out_dim, text_dim=CONFIG.text_dim,
-            freq_dim=CONFIG.freq_dim, ffn_dim=CONFIG.ffn_dim, num_layers=CONFIG.num_layers, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", eps=CONFIG.eps,
-        )
-    diffusers_model.save_config(partial / DIFFUSERS_CONFIG / "transformer")
+    diffusers_on_meta(CONFIG).save_config(partial / DIFFUSERS_CONFIG / "transformer")
 
 
 def files_of(directory: Path, method: str) -> list[Path]:
@@ -229,7 +219,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/x2v-load-bench"), help="cache for the test files")
     parser.add_argument("--repeat", type=int, default=3, help="runs per method and cache state (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the ~11.4 GB of test files for the next run")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    add_json_argument(parser)
     parser.add_argument("--measure", choices=METHODS, help=argparse.SUPPRESS)  # internal: the subprocess side
     args = parser.parse_args()
     if args.measure:

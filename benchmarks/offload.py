@@ -14,29 +14,27 @@ the weights it keeps on the device), and the largest difference of its output fr
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import sys
-from pathlib import Path
-
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dit_step import (  # noqa: E402
-    SIZES, add_input_arguments, diffusers_model, latent_input, timed_alternating, x2v_model,
+from harness import (
+    SIZES,
+    Results,
+    add_input_arguments,
+    add_json_argument,
+    add_timing_arguments,
+    diffusers_model,
+    dit_inputs,
+    free_memory,
+    gib,
+    latent_input,
+    make_parser,
+    sync,
+    timed_alternating,
+    x2v_model,
 )
 
-from x2v.pipelines.offload import DiTOffload, OffloadConfig  # noqa: E402
+from x2v.runtime.offload import DiTOffload, OffloadConfig
 
 GRANULARITIES = ("block", "phase")
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def device_bytes(model: torch.nn.Module, device: str) -> int:
@@ -54,7 +52,7 @@ def peak_of(fn, device: str, resident: int) -> float:
     before = torch.cuda.memory_allocated()
     fn()
     sync(device)
-    return (torch.cuda.max_memory_allocated() - before + resident) / 2**30
+    return gib(torch.cuda.max_memory_allocated() - before + resident)
 
 
 def offloaded(model: torch.nn.Module, device: str, granularity: str):
@@ -111,50 +109,41 @@ def diffusers_runs(reference, inputs: tuple, device: str, warmup: int, iters: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     add_input_arguments(parser)
     parser.add_argument("--weights", nargs="+", choices=["bf16", "fp8", "int8"],
                         default=["bf16", "fp8"] if torch.cuda.is_available() else ["bf16"])
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iters", type=int, default=3)
+    add_timing_arguments(parser)
     parser.add_argument("--no-diffusers", action="store_true", help="time x2v only")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    add_json_argument(parser)
     args = parser.parse_args()
     device, dtype = args.device, torch.bfloat16
     latent, _ = latent_input(args, device)
-    results = []
+    results = Results(args.json)
     for size in args.sizes:
         cfg = SIZES[size]
         reference = diffusers_model(cfg, dtype, device)
-        g = torch.Generator(device).manual_seed(1)
-        x = torch.randn(latent, generator=g, device=device, dtype=dtype)
-        context = torch.randn(1, 512, cfg.text_dim, generator=g, device=device, dtype=dtype)
-        inputs = (x, torch.tensor([900], device=device), context)
+        inputs = dit_inputs(cfg, latent, dtype, device)
         for weights in args.weights:
             quant = None if weights == "bf16" else weights
             runs = x2v_runs(cfg, reference.state_dict(), dtype, device, quant)
-            report(measure(f"{size} x2v {weights}", runs, inputs, device, args.warmup, args.iters), results, args)
+            report(measure(f"{size} x2v {weights}", runs, inputs, device, args.warmup, args.iters), results)
             del runs
-            gc.collect()  # an offloaded model and its forward wrapper refer to each other
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            free_memory(device)  # an offloaded model and its forward wrapper refer to each other
         if not args.no_diffusers:
             report(diffusers_runs(reference, inputs, device, args.warmup, args.iters, f"{size} diffusers bf16"),
-                   results, args)
-        del reference
-        if device.startswith("cuda"):
-            torch.cuda.empty_cache()
+                   results)
+        del reference, inputs
+        free_memory(device)
 
 
-def report(new: list[dict], results: list[dict], args: argparse.Namespace) -> None:
+def report(new: list[dict], results: Results) -> None:
     """Print ``new`` and save everything so far (a run cut short still leaves what it measured)."""
     for r in new:
         diff = f"  max |diff| {r['max_diff']:.1e}" if "max_diff" in r else ""
         print(f"{r['model']:>22} {r['mode']:>13}: {r['seconds']:.3f} s  {r['ratio']:.3f}x resident  "
               f"peak {r['peak_gib']:.2f} GiB{diff}", flush=True)
-    results += new
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+    results.add(*new)
 
 
 if __name__ == "__main__":

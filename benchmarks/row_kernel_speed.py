@@ -10,19 +10,14 @@ A kernel slower than its compiled function is switched off by dropping ``row_ker
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
-from pathlib import Path
 
 import torch
+from harness import Results, add_json_argument, add_timing_arguments, make_parser, print_device, sync
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from x2v.ops import norms, quant_linear, row_kernels  # noqa: E402
-from x2v.ops.fused import COMPILE_OPTIONS  # noqa: E402
-from x2v.ops.rope import rope_rotations  # noqa: E402
+from x2v.ops import norms, quant_linear, row_kernels
+from x2v.ops.fused import COMPILE_OPTIONS
+from x2v.ops.rope import rope_rotations
 
 GRID_480P = (21, 30, 52)  # latent frames x patch rows x patch columns: 32,760 tokens
 
@@ -81,13 +76,11 @@ def moved_bytes(args: tuple, out) -> int:
 def seconds_per_call(fn, args: tuple, iters: int, device: str) -> float:
     for _ in range(2):  # compiles / JIT-builds, then warms up
         fn(*args)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fn(*args)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - start) / iters
 
 
@@ -99,20 +92,19 @@ def copy_speed(device: str, iters: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tokens", type=int, default=32760)
-    parser.add_argument("--iters", type=int, default=20)
+    add_timing_arguments(parser, iters=20, warmup=None)
     parser.add_argument("--warps", type=int, nargs="*", default=[4, 8, 16], help="also time the kernels with these")
-    parser.add_argument("--json", type=Path)
+    add_json_argument(parser)
     args = parser.parse_args()
-    card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    print(f"device: {card}, torch {torch.__version__}", flush=True)
-    results = []
+    card = print_device(args.device)
+    results = Results(args.json)
     if args.device == "cuda":
         speed = copy_speed(args.device, args.iters)
         print(f"copy: {speed / 1e12:.2f} TB/s", flush=True)
-        results.append(dict(card=card, copy_tb_s=speed / 1e12))
+        results.add(dict(card=card, copy_tb_s=speed / 1e12))
     for label, fused, call_args in cases(args.device, args.tokens):
         definition, kernel = definition_and_kernel(fused)
         compiled = torch.compile(definition, dynamic=False, options=COMPILE_OPTIONS)
@@ -128,11 +120,9 @@ def main() -> None:
         result = dict(case=label, tokens=args.tokens, moved_gb=moved / 1e9,
                       **{f"{name} ms": t * 1e3 for name, t in times.items()},
                       **{f"{name} TB/s": moved / t / 1e12 for name, t in times.items()})
-        results.append(result)
         print(f"{label:>30} ({moved / 1e6:.0f} MB): " + ", ".join(
             f"{name} {t * 1e3:.3f} ms ({moved / t / 1e12:.2f} TB/s)" for name, t in times.items()), flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        results.add(result)  # after each case: a run cut short still leaves what it measured
 
 
 if __name__ == "__main__":

@@ -13,23 +13,19 @@ value loads unpipelined will be slow; the tests (`tests/test_sage_triton.py`) ho
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # compile for real
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real (before anything imports triton)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+from harness import Results, add_json_argument, make_parser  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from x2v.ops import row_kernels as rows  # noqa: E402
 from x2v.ops import sage_triton as sage  # noqa: E402
@@ -177,20 +173,20 @@ def row_builds(arch: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90: H100 / H200)")
     parser.add_argument("--kernels", nargs="+", choices=["sage", "rows"], default=["sage", "rows"])
     parser.add_argument("--kv-lens", type=int, nargs="+", default=[32760, 512],
                         help="sage: key lengths (self-attention at 480P, text)")
     parser.add_argument("--tilings", choices=["default", "all"], default="all", help="sage: which tilings")
-    parser.add_argument("--json", type=Path)
+    add_json_argument(parser)
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}")
-    results = sage_builds(args.arch, args.kv_lens, args.tilings) if "sage" in args.kernels else []
+    results = Results(args.json)
+    if "sage" in args.kernels:
+        results.add(*sage_builds(args.arch, args.kv_lens, args.tilings))
     if "rows" in args.kernels:
-        results += row_builds(args.arch)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        results.add(*row_builds(args.arch))
 
 
 if __name__ == "__main__":

@@ -19,25 +19,20 @@ the convolution kernels' workspaces on top.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import math
-import sys
 import time
 import weakref
-from pathlib import Path
 
 import torch
+from harness import Results, add_json_argument, default_device, gib, make_parser, print_device
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from x2v.errors import first_line  # noqa: E402
-from x2v.loading.weights import build_on_meta  # noqa: E402
-from x2v.models.vae import Wan21VAE, Wan21VAEConfig  # noqa: E402
-from x2v.models.vae22 import Wan22VAE, Wan22VAEConfig  # noqa: E402
+from x2v.errors import first_line
+from x2v.loading.weights import build_on_meta
+from x2v.models.vae import Wan21VAE, Wan21VAEConfig
+from x2v.models.vae22 import Wan22VAE, Wan22VAEConfig
 
 VAES = {"2.1": (Wan21VAE, Wan21VAEConfig(), Wan21VAEConfig(dim=8)),
         "2.2": (Wan22VAE, Wan22VAEConfig(), Wan22VAEConfig(dim=8, decoder_dim=12))}
@@ -85,30 +80,26 @@ def random_vae(name: str, tiny: bool, dtype: torch.dtype, device: str) -> torch.
     return vae.to(dtype).eval()
 
 
-def gib(n: int) -> float:
-    return n / 2**30
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = make_parser(__doc__)
     parser.add_argument("--vaes", nargs="+", default=list(VAES), choices=list(VAES))
     parser.add_argument("--height", type=int, default=720)
     parser.add_argument("--width", type=int, default=1280)
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--modes", nargs="+", default=["untiled", "tiled"], choices=["untiled", "tiled"])
     parser.add_argument("--tiny", action="store_true", help="small channel widths (smoke test of the script)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--dtype", default="fp32", choices=["bf16", "fp32"],
                         help="the weights' and activations' dtype (default float32: how the pipeline loads the VAE)")
-    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    add_json_argument(parser)
     args = parser.parse_args()
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     cuda = args.device.startswith("cuda")
+    print_device(args.device)
     if cuda:
-        print(torch.cuda.get_device_name(), f"{gib(torch.cuda.get_device_properties(0).total_memory):.1f} GiB",
-              "torch", torch.__version__, flush=True)
+        print(f"card memory: {gib(torch.cuda.get_device_properties(0).total_memory):.1f} GiB", flush=True)
 
-    results = []
+    results = Results(args.json)
     for name in args.vaes:
         vae = random_vae(name, args.tiny, dtype, args.device)
         st, sh, sw = vae.stride
@@ -153,8 +144,7 @@ def main() -> None:
                 f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()
                 if k not in ("vae", "mode")), flush=True)
         del vae, latents
-        if args.json:  # after each VAE: a run cut short still leaves what it measured
-            args.json.write_text(json.dumps(results, indent=2))
+        results.save()  # after each VAE: a run cut short still leaves what it measured
 
 
 if __name__ == "__main__":

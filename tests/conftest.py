@@ -6,8 +6,30 @@ sys.path.insert(0, str(Path(__file__).parent))  # tests import ckpt_utils direct
 
 # Triton kernels (the sage_triton attention) run in Triton's interpreter on the CPU. Triton decides when a kernel
 # (or one of its own library functions) is defined, so this is set before anything imports triton.
+INTERPRET_DEFAULTED = "TRITON_INTERPRET" not in os.environ  # ... by this file (see pytest_configure)
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+def selects_gpu_tests(config) -> bool:
+    """Whether the run's ``-m`` expression takes the tests marked ``gpu`` (pyproject's addopts leave them out)."""
+    expression = config.getoption("markexpr", "") or ""
+    if not expression:
+        return False
+    try:
+        from _pytest.mark.expression import Expression
+
+        return bool(Expression.compile(expression).evaluate(lambda name, **kwargs: name == "gpu"))
+    except Exception:  # noqa: BLE001 - pytest's expression module is internal: a plain reading instead
+        return "gpu" in expression.replace("not gpu", "")
+
+
+def pytest_configure(config):
+    """The GPU tests (``-m gpu``: tests/test_gpu.py) on a CUDA machine check x2v's Triton kernels compiled for the
+    card, not in the interpreter: the default set above is dropped again, before any test module (and so triton) is
+    imported. A TRITON_INTERPRET given in the environment stays."""
+    if INTERPRET_DEFAULTED and selects_gpu_tests(config) and torch.cuda.is_available():
+        os.environ.pop("TRITON_INTERPRET", None)

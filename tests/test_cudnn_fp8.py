@@ -1,4 +1,4 @@
-"""cudnn_fp8: cuDNN's fp8 attention. Running cuDNN needs a GPU (`benchmarks/gpu_check.py` checks it there); here:
+"""cudnn_fp8: cuDNN's fp8 attention. Running cuDNN needs a GPU (tests/test_gpu.py checks it there, `pytest -m gpu`); here:
 the quantization, x2v's whole side of a call with cuDNN's arithmetic emulated (against float32 attention), and the
 graph, built and validated by NVIDIA's frontend for Wan's shapes."""
 

@@ -27,7 +27,8 @@ def test_demo_model_is_written_once_and_carries_its_settings(tmp_path):
     pipe = Pipeline.from_pretrained(model, device="cpu", infer_steps=2)
     # The demo's small sizes come from its config.json, below the keyword.
     assert (pipe.settings.output.frames, pipe.settings.output.height, pipe.settings.sampling.steps) == (17, 128, 2)
-    assert pipe.settings.origin("target_height") == f"target_height in {model / 'config.json'} (the model's config.json)"
+    model_config = model / "config.json"
+    assert pipe.settings.origin("target_height") == f"target_height in {model_config} (the model's config.json)"
     first = pipe.generate("a cat on the grass", seed=1, progress=False, **SMALL)
     second = pipe.generate("a cat on the grass", seed=1, progress=False, **SMALL)
     np.testing.assert_array_equal(first.frames, second.frames)

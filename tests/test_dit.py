@@ -91,6 +91,25 @@ def test_matches_diffusers(tmp_path, name, dtype, tol):
     assert_close_to_scale(actual, expected, tol)
 
 
+def test_diffusers_folder_is_read_with_its_config(tmp_path):
+    """A diffusers repository's transformer/ (diffusers names and config.json): the head count comes from
+    num_attention_heads (2 heads of 32, not dim / 128), so the model computes diffusers' function; a config.json
+    that contradicts the weights is refused, naming both."""
+    overrides, _, x_ch, _, _ = VARIANTS["t2v"]
+    oracle = diffusers_dit(overrides)
+    oracle.save_pretrained(tmp_path / "transformer")
+    ours = load_dit(tmp_path)
+    assert (ours.config.num_heads, ours.config.dim) == (HEADS, DIM)
+    x, _, context, _, t = make_inputs(x_ch, 0, 0)
+    with torch.no_grad():
+        assert_close_to_scale(ours(x, t, context), diffusers_forward(oracle, x, None, context, None, t), 1e-4)
+    config_path = tmp_path / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "num_layers": 5, "attention_head_dim": 16}))
+    with pytest.raises(CheckpointError, match="dim: weights 64, config.json 32; num_layers: weights 3, config.json 5"):
+        load_dit(tmp_path)
+
+
 def test_ti2v_per_token_timesteps(tmp_path):
     overrides, model_type, x_ch, _, _ = VARIANTS["ti2v"]
     oracle = diffusers_dit(overrides)
@@ -167,7 +186,7 @@ def test_key_maps_are_inverse():
         freq_dim=16, image_branch=True, image_dim=IMAGE_DIM, image_tokens=18))).state_dict())
 
 
-# Reference table (wan-models.md §2.4): tensors and parameters of every released DiT.
+# Reference table (docs/models.md, Tensor and parameter counts): tensors and parameters of every released DiT.
 RELEASES = {
     "Wan2.1-T2V-1.3B": (WanDiTConfig(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), 825, 1_418_996_800),
     "Wan2.1-T2V-14B": (WanDiTConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40), 1095, 14_288_491_584),

@@ -37,6 +37,11 @@ def test_complete_directory(model_dir, capsys):
     assert all(not r["problems"] for r in reports.values())
 
 
+def test_a_path_that_does_not_exist_is_one_problem(tmp_path, capsys):
+    code, out = run(capsys, tmp_path / "nowhere")
+    assert code == 1 and out.count("no such file or folder") == 1
+
+
 def test_problems_make_the_exit_status_non_zero(model_dir, tmp_path, capsys):
     broken = shutil.copytree(model_dir, tmp_path / "broken")
     (broken / "Wan2.1_VAE.pth").unlink()

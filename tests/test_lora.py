@@ -264,7 +264,7 @@ def test_dynamic_matches_merged_and_detach_restores_bit_exact(dirs, tmp_path):
 
 
 def test_dynamic_strengths_are_tensors(dirs, tmp_path):
-    """Strengths live in a float32 tensor (pitfall C11): changing one is a tensor write, not a new graph."""
+    """Strengths live in a float32 tensor (docs/pitfalls.md C11): changing one is a tensor write, not a new graph."""
     model = load(dirs / "t2v")
     pairs = random_pairs(model, bases=BASES[:1])
     path = write_pairs(tmp_path / "l.safetensors", pairs, lambda b: f"diffusion_model.{b}", ".lora_up.weight",

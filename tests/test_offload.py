@@ -1,5 +1,5 @@
 """Offload (cpu_offload / offload_granularity / lazy_load / t5, clip, vae_cpu_offload) on a CPU "device": the same
-scheduling code as on a GPU, and results identical to the resident model (pitfall D11).
+scheduling code as on a GPU, and results identical to the resident model (docs/pitfalls.md D11).
 
 The tiny checkpoints' safetensors views are not 64-byte aligned and CPU kernels round differently on unaligned
 memory, so each reference model's weights are first copied to ordinary memory (``materialize``): the same
@@ -138,7 +138,7 @@ def test_next_unit_is_copied_before_the_current_one_runs_and_two_at_most_are_loa
 
 
 def test_mixed_blocks_quantized_layers_and_lora_branches_move_with_their_block(tmp_path):
-    """Blocks of different layouts (one int8 layer, a LoRA branch on another block; pitfall A19)."""
+    """Blocks of different layouts (one int8 layer, a LoRA branch on another block; docs/pitfalls.md A19)."""
     dit = deep_dit()
     layer = dit.blocks[1].ffn[0]
     quantized = QuantLinear(layer.in_features, layer.out_features, True, "int8", torch.float32)

@@ -181,3 +181,40 @@ def test_wan22_distilled_experts_switch_by_step(models, monkeypatch):
 def test_a_missing_lora_file_is_an_error_not_ignored(models):
     with pytest.raises(Exception, match="distill.safetensors.*LoRA file not found"):
         Pipeline.from_pretrained(models["t2v"], device="cpu", lora_configs=[{"path": "distill.safetensors"}], **SMALL)
+
+
+def test_legacy_mm_type_quantizes_the_model(models, caplog):
+    """LightX2V's old ``mm_config.mm_type`` reaches the loader: the DiT's block linears are 8-bit."""
+    from x2v.ops.quant_linear import QuantLinear
+
+    mm_type = "W-int8-channel-sym-A-int8-channel-sym-dynamic-Vllm"
+    pipe = Pipeline.from_pretrained(models["t2v"], device="cpu", config_json={"mm_config": {"mm_type": mm_type}},
+                                    **SMALL)
+    assert isinstance(pipe.dits["dit"].blocks[0].self_attn.q, QuantLinear)
+    assert pipe.dits["dit"].load_info["quantized"] == "int8"
+    assert any("deprecated 'mm_config.mm_type'" in r.getMessage() for r in caplog.records)
+
+
+def test_per_request_settings_are_read_as_in_a_config_file(models, caplog):
+    pipe = Pipeline.from_pretrained(models["t2v"], device="cpu", **SMALL)
+    result = pipe.generate("a cat", num_frames=9, infer_step=1, seed=0, progress=False)  # an alias and a typo
+    assert result.frames.shape[0] == 9
+    assert any("generate(): unknown config key 'infer_step' (did you mean 'infer_steps'?)" in r.getMessage()
+               for r in caplog.records)
+    with pytest.raises(ValueError, match=r"target_video_length 10 is not of the form 4k\+1"):
+        pipe.generate("a cat", num_frames=10, progress=False)
+    with pytest.raises(ValueError, match="cpu_offload cannot change per request"):
+        pipe.generate("a cat", cpu_offload=True, progress=False)
+    assert pipe.settings.output.frames == 5  # the pipeline's settings are as loaded
+
+
+def test_image_inputs_raise_no_warning(tmp_path, recwarn):
+    from PIL import Image
+
+    from x2v.pipelines.video import load_image
+
+    path = tmp_path / "frame.png"
+    Image.fromarray(np.full((6, 4, 3), 200, np.uint8)).save(path)
+    for image in (path, Image.open(path), np.asarray(Image.open(path))):
+        assert load_image(image).shape == (3, 6, 4)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]

@@ -1,4 +1,4 @@
-"""Flow-matching schedulers (x2v.pipelines.schedulers) against shared/reference/sampling.md.
+"""Flow-matching schedulers (x2v.pipelines.schedulers) against docs/sampling.md (its sections cited as §n).
 
 Expected values are derived here, independently of the module: grids from the §2.1/§2.3/§9 formulas in float64
 numpy and the reference's literal tables; trajectories from a plain float64 numpy transcription of the §2.2/§2.3/§9

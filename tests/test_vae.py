@@ -202,7 +202,7 @@ def test_normalization_uses_official_constants(tmp_path: Path):
     write_official(tmp_path / "wan21", "Wan2.1_VAE.pth", reference)
     cases = [(reference, load_vae(tmp_path / "wan21"), reference.config.latents_mean, reference.config.latents_std,
               (1, 3, 5, 16, 16))]
-    # Wan2.2: spot values from the reference tables (wan-models.md section 5.5).
+    # Wan2.2: spot values from the reference tables (docs/models.md, Latent normalisation).
     assert len(WAN22_LATENT_MEAN) == len(WAN22_LATENT_STD) == 48
     assert (WAN22_LATENT_MEAN[0], WAN22_LATENT_MEAN[-1], WAN22_LATENT_STD[0], WAN22_LATENT_STD[-1]) == (
         -0.2289, -0.0667, 0.4765, 0.7744)

@@ -108,7 +108,7 @@ class Producer:
 
     ``deltas`` (a ``LoraDeltas``) gives the float32 change of an official key, or None. fp8 weights a LoRA
     changed are rounded stochastically (seeded by the key, so a conversion is reproducible): changes smaller than
-    a quantization step survive on average instead of rounding away (pitfall B03).
+    a quantization step survive on average instead of rounding away (docs/pitfalls.md B03).
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], encoding: Encoding, target: Target, deltas=None):

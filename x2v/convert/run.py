@@ -155,7 +155,7 @@ def check_complete(planned: Plan) -> None:
 def lora_deltas(job: DitJob, together: bool, tensors: dict, encoding: Encoding, cfg: WanDiTConfig,
                 specs: tuple[LoraSpec, ...]):
     """(LoraDeltas or None, report lines, LoRAs used) for one DiT. Converting both Wan2.2 experts, each LoRA
-    names its expert (never one expert silently, pitfall C07); a DiT converted alone takes every LoRA, except
+    names its expert (never one expert silently, docs/pitfalls.md C07); a DiT converted alone takes every LoRA, except
     one named for another expert."""
     from x2v.loading.lora import LoraEntry, entries_for_expert, prepare_loras
 

@@ -207,7 +207,7 @@ def check_task(cfg: Architecture, task: str, source: str) -> None:
         )
 
 
-# config.json keys -> WanDiTConfig fields. Official (WanModel, wan-models.md's table) and diffusers
+# config.json keys -> WanDiTConfig fields. Official (WanModel, docs/models.md) and diffusers
 # (WanTransformer3DModel) names; diffusers gives the width as num_attention_heads x attention_head_dim.
 OFFICIAL_CONFIG_KEYS = {k: k for k in ("in_dim", "out_dim", "dim", "ffn_dim", "num_heads", "num_layers", "text_len",
                                        "text_dim", "freq_dim", "eps", "vace_in_dim")}

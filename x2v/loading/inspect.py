@@ -141,7 +141,11 @@ def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Source
 
 def inspect_model(path: str | Path, sources: Sources = Sources(), dtype: torch.dtype = torch.bfloat16
                   ) -> list[ComponentReport]:
-    """Reports for every DiT (one, or both Wan2.2 experts), then umT5, tokenizer, CLIP (when found or needed), VAE."""
+    """Reports for every DiT (one, or both Wan2.2 experts), then umT5, tokenizer, CLIP (when found or needed), VAE.
+    A path that does not exist is one report with one problem, not one per component."""
+    if not Path(path).expanduser().exists():
+        return [ComponentReport("model", problems=[f"{path}: no such file or folder. Pass a model folder, a DiT "
+                                                   "folder or a checkpoint file."])]
     reports: list[ComponentReport] = []
     try:
         dits = resolve_dit(path, sources)

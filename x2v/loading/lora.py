@@ -5,7 +5,7 @@
 
 * Merged (the default): each changed tensor is computed in float32 on its own device and cast once, one tensor at
   a time; the model is never copied, and the file pages of a replaced weight are handed back. A quantized layer is
-  dequantized, changed and re-quantized (stochastic rounding for fp8, pitfall B03).
+  dequantized, changed and re-quantized (stochastic rounding for fp8, docs/pitfalls.md B03).
 * Dynamic (``lora_dynamic_apply``): linear layers get a low-rank branch ``((x @ downᵀ) · scales) @ upᵀ`` added to
   their output, the ranks of every attached LoRA stacked in one branch; other changes (diffs, conv pairs) replace
   the tensor and keep the original, so ``detach_loras`` restores every original bit for bit.

@@ -7,7 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from x2v.formats.quant import Encoding, check_scheme, detect_encoding, quantized_in_releases, scheme_kind, without_scales
+from x2v.formats.quant import (
+    Encoding, check_scheme, detect_encoding, quantized_in_releases, scheme_kind, without_scales,
+)
 from x2v.ops.quant_linear import replace_linears
 from x2v.ops.quant_math import QUANT_DTYPES, dequantize_weight, merge_rounding, per_channel_scale, quantize_weight
 from x2v.runtime.pages import FileMappings, release_pages

@@ -113,7 +113,7 @@ def dit_candidates(directory: Path) -> list[Path]:
 
 
 def find_dit_file(directory: Path, choose_keys: str) -> Found:
-    """The one DiT checkpoint of ``directory``; several are an error, never a merge (pitfall A01)."""
+    """The one DiT checkpoint of ``directory``; several are an error, never a merge (docs/pitfalls.md A01)."""
     candidates = dit_candidates(directory)
     found = one_candidate(directory, candidates, "DiT", f"{OFFICIAL_DIT_STEM}*.safetensors with its index, one "
                           ".safetensors file, or non_block.safetensors + block_N.safetensors", choose_keys)
@@ -198,7 +198,7 @@ def resolve_dit(model_path: str | Path, sources: Sources = Sources()) -> dict[st
     if is_moe(model_path, sources):
         for key in keys:
             if key in sources.files:
-                # One path cannot be both experts (pitfall A11): refuse instead of loading it twice.
+                # One path cannot be both experts (docs/pitfalls.md A11): refuse instead of loading it twice.
                 kind = key.split("_")[1]
                 raise CheckpointError(
                     f"{key} ({sources.origin(key)}) names one DiT, but this is a two-expert Wan2.2 model. Use "

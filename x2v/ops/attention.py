@@ -53,7 +53,8 @@ def cudnn_fp8_output():
 # [B, L, heads, d].
 KERNELS = {
     "flash_attn2": (installed("flash_attn", "flash_attn_func"), "flash-attn"),
-    "flash_attn3": (installed("flash_attn_interface", "flash_attn_func"), "FlashAttention 3 (built from its repository)"),
+    "flash_attn3": (installed("flash_attn_interface", "flash_attn_func"),
+                    "FlashAttention 3 (built from its repository)"),
     "sage_attn2": (installed("sageattention", "sageattn", tensor_layout="NHD"), "sageattention"),
     "sage_attn2_k_int8_v_fp8": (installed("sageattention", "sageattn_qk_int8_pv_fp8_cuda", tensor_layout="NHD"),
                                 "SageAttention 2 (built from its repository)"),

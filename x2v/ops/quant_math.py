@@ -64,7 +64,7 @@ def _round_stochastic(values: torch.Tensor, kind: str, generator: torch.Generato
 
 
 def merge_rounding(key: str, kind: str, device: torch.device | str) -> torch.Generator | None:
-    """How a weight a LoRA changed is rounded back to ``kind``: fp8 stochastically (pitfall B03: small changes
+    """How a weight a LoRA changed is rounded back to ``kind``: fp8 stochastically (docs/pitfalls.md B03: small changes
     survive on average), seeded by the tensor's name so the same files give the same weights whatever else is
     merged; int8 to nearest (its steps are fine enough)."""
     return torch.Generator(device).manual_seed(zlib.crc32(key.encode())) if kind == "fp8" else None

@@ -1,4 +1,4 @@
-"""Image and video conditioning of the official pipelines (``sampling.md`` §5, §7, §8), as pure functions."""
+"""Image and video conditioning of the official pipelines (docs/sampling.md §5, §7, §8), as pure functions."""
 
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def per_token_timesteps(t: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tens
 
 def fold_vace_mask(mask: torch.Tensor, latent_frames: int, stride: int = 8) -> torch.Tensor:
     """VACE mask ``[F, H, W]`` -> ``[stride*stride, T_lat, H/stride, W/stride]``: each 8x8 pixel cell becomes channels,
-    then nearest-exact resampling in time to the latent frame count (``wan-models.md`` §2.10)."""
+    then nearest-exact resampling in time to the latent frame count (docs/models.md, VACE)."""
     frames, h, w = mask.shape
     folded = mask.view(frames, h // stride, stride, w // stride, stride).permute(2, 4, 0, 1, 3)
     folded = folded.reshape(stride * stride, frames, h // stride, w // stride)

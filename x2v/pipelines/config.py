@@ -44,12 +44,12 @@ MODEL_CLASSES: dict[str, ModelClass] = {
         ModelClass("wan2.2_moe", "Wan2.2 T2V-A14B / I2V-A14B (two experts)", ("t2v", "i2v"), moe=True),
         ModelClass("wan2.2_moe_distill", "Wan2.2 A14B 4-step distilled (LightX2V)", ("t2v", "i2v"), moe=True,
                    distill=True),
-        # Wan2.2 VAE: spatial stride 16, so sizes are multiples of 32 (wan-models.md §8).
+        # Wan2.2 VAE: spatial stride 16, so sizes are multiples of 32 (docs/models.md, Latent shapes).
         ModelClass("wan2.2", "Wan2.2 TI2V-5B", ("t2v", "i2v"), size_multiple=32),
     )
 }
 
-# LightX2V model_cls values x2v recognizes but cannot run (formats.md §10.3).
+# LightX2V model_cls values x2v recognizes but cannot run (docs/config.md, Model classes and tasks).
 UNSUPPORTED_MODEL_CLASSES: dict[str, str] = {
     "wan2.1_mean_flow_distill": "Wan2.1 mean-flow distilled",
     "wan2.1_sf": "Wan2.1 self-forcing (autoregressive)",
@@ -115,9 +115,9 @@ def check_task(model_cls: str, task: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Defaults (wan-models.md §7, sampling.md §5-§9)
+# Defaults (docs/config.md, Defaults; docs/sampling.md §5-§9)
 
-# The official `sample_neg_prompt`, used when the negative prompt is empty (verbatim from wan-models.md §7).
+# The official `sample_neg_prompt`, used when the negative prompt is empty (verbatim, docs/config.md, Negative prompts).
 NEGATIVE_PROMPT = (
     "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
@@ -134,13 +134,13 @@ def default_negative_prompt(model_cls: str, task: str) -> str:
     return NEGATIVE_PROMPT
 
 
-DISTILL_STEPS = [1000, 750, 500, 250]  # LightX2V's 4-step models (sampling.md §9)
+DISTILL_STEPS = [1000, 750, 500, 250]  # LightX2V's 4-step models (docs/sampling.md §9)
 
 # Shared by every model class unless its entry says otherwise. Where LightX2V's shipped configs differ from the
 # official code, x2v takes the official value:
 #  * size 480x832 (height x width): the one size every Wan2.1 / Wan2.2 A14B model supports (T2V-1.3B only has
 #    480p; the official --size default 1280*720 does not run on it). For I2V it is the max area, the output
-#    aspect ratio follows the image (sampling.md §5.1).
+#    aspect ratio follows the image (docs/sampling.md §5.1).
 #  * enable_cfg true: the official code always runs CFG; LightX2V's get_default_config() says false, but its
 #    non-distilled configs all set true.
 #  * sample_solver "unipc": the official default (`--sample_solver unipc`); LightX2V's WanScheduler is the same.
@@ -154,11 +154,11 @@ _COMMON = {
     "sample_solver": "unipc",
     "seed": 42,
     # x2v: where the initial noise is drawn. "device" matches the official code (a CUDA generator on a GPU);
-    # "cpu" gives the same noise, hence the same video up to rounding, on every device (pitfall E08).
+    # "cpu" gives the same noise, hence the same video up to rounding, on every device (docs/pitfalls.md E08).
     "noise_device": "device",
 }
 
-# LightX2V's distilled configs: 4 steps, shift 5, no CFG (sampling.md §9).
+# LightX2V's distilled configs: 4 steps, shift 5, no CFG (docs/sampling.md §9).
 _DISTILL = {
     "infer_steps": len(DISTILL_STEPS),
     "denoising_step_list": DISTILL_STEPS,
@@ -186,7 +186,7 @@ _DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
                             "boundary": 0.875},
     ("wan2.2_moe", "i2v"): {"infer_steps": 40, "sample_shift": 5.0, "sample_guide_scale": [3.5, 3.5],
                             "boundary": 0.900},
-    # Steps 0-1 on the high-noise expert, 2-3 on the low-noise one (sampling.md §9).
+    # Steps 0-1 on the high-noise expert, 2-3 on the low-noise one (docs/sampling.md §9).
     ("wan2.2_moe_distill", "t2v"): {**_DISTILL, "sample_guide_scale": [3.5, 3.5], "boundary_step_index": 2},
     ("wan2.2_moe_distill", "i2v"): {**_DISTILL, "sample_guide_scale": [3.5, 3.5], "boundary_step_index": 2},
     # TI2V-5B: 121 frames at 24 fps, 704x1280 (height x width, official size '1280*704'), for t2v and i2v.
@@ -209,11 +209,11 @@ def defaults(model_cls: str, task: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Known keys (formats.md §5, §10.2-§10.4, wan-models.md §6)
+# Known keys (docs/config.md, Key groups; docs/formats.md, DiT config.json keys)
 
 KEY_GROUPS: dict[str, tuple[str, ...]] = {
     "x2v": ("noise_device",),
-    # CLI flags and per-request inputs of `python -m lightx2v.infer` (§10.3), as argparse dests.
+    # CLI flags and per-request inputs of `python -m lightx2v.infer` (docs/config.md, Command line), as argparse dests.
     "run": (
         "model_cls", "task", "model_path", "config_json", "prompt", "negative_prompt", "seed", "image_path",
         "last_frame_path", "src_ref_images", "src_video", "src_mask", "src_pose_path", "src_face_path",
@@ -259,7 +259,7 @@ KEY_GROUPS: dict[str, tuple[str, ...]] = {
         "changing_resolution", "resolution_rate", "changing_resolution_steps", "video_frame_interpolation",
         "video_super_resolution", "sub_servers", "do_mm_calib", "lora_dir",
     ),
-    # DiT config.json keys (wan-models.md §2.1, §6; diffusers ConfigMixin extras).
+    # DiT config.json keys (docs/formats.md, DiT config.json keys; diffusers ConfigMixin extras).
     "architecture": (
         "_class_name", "_diffusers_version", "model_type", "dim", "num_layers", "num_heads", "in_dim", "out_dim",
         "ffn_dim", "freq_dim", "text_dim", "eps", "window_size", "qk_norm", "cross_attn_norm", "vace_layers",
@@ -282,7 +282,8 @@ SAMPLING_KEYS: frozenset[str] = frozenset({
     "enable_cfg", "fps", "boundary", "boundary_step_index", "denoising_step_list", "scheduler_type", "sample_solver",
 })
 
-# Old names (pitfall F03): old -> (new, note). Mapped with a warning. `mm_config.mm_type` is handled separately.
+# Old names (docs/pitfalls.md F03): old -> (new, note). Mapped with a warning. `mm_config.mm_type` is handled
+# separately.
 RENAMED: dict[str, tuple[str, str]] = {
     "save_video_path": ("save_result_path", "LightX2V's name before 2025-09-29"),
     "num_inference_steps": ("infer_steps", "LightX2V reads it only when infer_steps is absent"),
@@ -533,6 +534,11 @@ def validate(settings: dict[str, Any], origins: dict[str, str] | None = None) ->
     for problem in lora_config_problems(settings.get("lora_configs") or [], bool(info and info.moe)):
         bad("lora_configs", problem)
 
+    raise_problems(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """One ``ConfigError`` for every problem found (each names its key, its origin and the fix); none: nothing."""
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:

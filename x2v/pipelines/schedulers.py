@@ -1,6 +1,6 @@
 """Flow-matching samplers of Wan2.1 / Wan2.2 and LightX2V's step-distilled models (pure math, no model code).
 
-Reference: ``shared/reference/sampling.md`` (cited as §n below). Convention (§1): ``x_σ = (1 − σ)·x0 + σ·ε``; the DiT
+Reference: docs/sampling.md (its sections cited as §n below). Convention (§1): ``x_σ = (1 − σ)·x0 + σ·ε``; the DiT
 predicts the velocity ``v ≈ ε − x0``, so the data prediction is ``x0 = x − σ·v``; ``α = 1 − σ``,
 ``λ = log α − log σ``.
 
@@ -113,7 +113,7 @@ class FlowScheduler(ABC):
 class FlowUniPCScheduler(FlowScheduler):
     """The official default sampler (``--sample_solver unipc``, ``FlowUniPCMultistepScheduler``, §2): UniPC with
     data prediction, ``bh2``, order 2 with a one-step warm-up and first order on the last step, the corrector on every
-    step after the first. Integer timesteps on the official grid (not diffusers' grid, pitfall E02)."""
+    step after the first. Integer timesteps on the official grid (not diffusers' grid, docs/pitfalls.md E02)."""
 
     solver_order = 2
 

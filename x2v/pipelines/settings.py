@@ -36,7 +36,7 @@ from x2v.ops.attention import KERNELS, NOT_IMPLEMENTED, TORCH_SDPA
 from x2v.pipelines import config as tables
 from x2v.pipelines.config import (
     ALIASES, IGNORED_KEYS, LOAD_KEYS, RENAMED, SAMPLING_KEYS, SCHEDULER_TYPES, check_task, default_negative_prompt,
-    defaults, guide_scales, is_known, model_class, suggest, validate,
+    defaults, guide_scales, is_known, model_class, raise_problems, suggest, validate,
 )
 from x2v.runtime.offload import GRANULARITIES, OffloadConfig
 
@@ -161,7 +161,7 @@ class Settings:
         return _complete(user, self.model_cls, self.task, self.model_layers)
 
     def describe(self) -> str:
-        """One ``key: value  [origin]`` line per setting, for logs (pitfall F01 in docs/pitfalls.md)."""
+        """One ``key: value  [origin]`` line per setting, for logs (docs/pitfalls.md F01)."""
         return "\n".join(f"{key}: {json.dumps(value, ensure_ascii=False, default=str)}  [{self.origin(key)}]"
                          for key, value in self.values.items())
 
@@ -274,17 +274,7 @@ def pick(name: str, layers: list[Layer], warnings: list[str] | None) -> tuple[st
 # Typed sections
 
 
-class Problems(list):
-    """Every invalid value found, raised together: one ``ConfigError`` lists each with its origin and fix."""
-
-    def raise_any(self) -> None:
-        if len(self) == 1:
-            raise ConfigError(self[0])
-        if self:
-            raise ConfigError("invalid settings:\n  - " + "\n  - ".join(self))
-
-
-def _flag(values: Mapping, origins: Mapping, key: str, default: bool, problems: Problems) -> bool:
+def _flag(values: Mapping, origins: Mapping, key: str, default: bool | None, problems: list[str]) -> bool | None:
     value = values.get(key)
     if value is None:
         return default
@@ -293,7 +283,7 @@ def _flag(values: Mapping, origins: Mapping, key: str, default: bool, problems: 
     return bool(value)
 
 
-def _sources(values: Mapping, origins: Mapping, moe: bool, problems: Problems) -> Sources:
+def _sources(values: Mapping, origins: Mapping, moe: bool, problems: list[str]) -> Sources:
     files = {}
     for key in FILE_KEYS:
         value = values.get(key)
@@ -306,7 +296,7 @@ def _sources(values: Mapping, origins: Mapping, moe: bool, problems: Problems) -
     quantization = {}
     for component in QUANTIZABLE:
         flag, scheme_key = f"{component}_quantized", f"{component}_quant_scheme"
-        quantized = _flag(values, origins, flag, None, problems) if values.get(flag) is not None else None
+        quantized = _flag(values, origins, flag, None, problems)
         scheme = values.get(scheme_key)
         known = [*scheme_families(component), *UNSUPPORTED_SCHEMES, *LEGACY_SCHEMES]
         if scheme is not None and scheme not in known:
@@ -317,7 +307,7 @@ def _sources(values: Mapping, origins: Mapping, moe: bool, problems: Problems) -
                    origins=MappingProxyType(dict(origins)))
 
 
-def _lora(values: Mapping, origins: Mapping, problems: Problems) -> LoraSettings:
+def _lora(values: Mapping, origins: Mapping, problems: list[str]) -> LoraSettings:
     entries = values.get("lora_configs") or []
     found = tables.lora_config_problems(entries, moe=False)  # the Wan2.2 names are checked with the model
     problems += [f"{problem} ({origins['lora_configs']})" for problem in found]
@@ -326,7 +316,7 @@ def _lora(values: Mapping, origins: Mapping, problems: Problems) -> LoraSettings
                         _flag(values, origins, "lora_strict", False, problems))
 
 
-def _offload(values: Mapping, origins: Mapping, problems: Problems) -> OffloadConfig:
+def _offload(values: Mapping, origins: Mapping, problems: list[str]) -> OffloadConfig:
     """LightX2V's offload keys, with the combinations x2v cannot run refused (docs/config.md)."""
     cpu = _flag(values, origins, "cpu_offload", False, problems)
     granularity = values.get("offload_granularity") or "block"
@@ -336,7 +326,8 @@ def _offload(values: Mapping, origins: Mapping, problems: Problems) -> OffloadCo
     lazy = _flag(values, origins, "lazy_load", False, problems)
     workers = values.get("num_disk_workers", 4)
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        problems.append(f"num_disk_workers must be a positive integer (threads reading blocks), got {workers!r}")
+        problems.append(f"num_disk_workers must be a positive integer (threads reading blocks), got {workers!r} "
+                        f"({origins['num_disk_workers']})")
     if lazy and not cpu:
         problems.append("lazy_load needs cpu_offload: true (blocks stream from the file to the device)")
     if lazy and granularity == "model":
@@ -353,7 +344,7 @@ def _offload(values: Mapping, origins: Mapping, problems: Problems) -> OffloadCo
                          _flag(values, origins, "vae_cpu_offload", cpu, problems))
 
 
-def _attention(values: Mapping, origins: Mapping, problems: Problems) -> AttentionSettings:
+def _attention(values: Mapping, origins: Mapping, problems: list[str]) -> AttentionSettings:
     types = []
     for key in ATTENTION_KEYS:
         value = values.get(key) or TORCH_SDPA
@@ -421,7 +412,7 @@ def _user_settings(layers: list[Layer], warnings: list[str]) -> Settings:
     if info is not None and task is not None:
         check_task(model_cls, task)
     values, origins, _ = merge(layers)
-    problems = Problems()
+    problems: list[str] = []
     model_path = values.get("model_path")
     if model_path is not None and not isinstance(model_path, (str, Path)):
         problems.append(f"model_path must be a path, got {model_path!r} ({origins['model_path']})")
@@ -434,7 +425,7 @@ def _user_settings(layers: list[Layer], warnings: list[str]) -> Settings:
         sources=_sources(values, origins, moe, problems), lora=_lora(values, origins, problems),
         offload=_offload(values, origins, problems), attention=_attention(values, origins, problems),
     )
-    problems.raise_any()
+    raise_problems(problems)
     if model_cls is not None:  # everything else can be checked now too
         settings.for_model(model_cls, task or info.tasks[0])
     return settings

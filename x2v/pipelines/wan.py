@@ -164,8 +164,8 @@ class Pipeline:
             return load_component(name, locate(name), dtype=None if name == "vae" else dtype,
                                   device=offload.place(name, device), quantization=sources.quant(name))
 
-        components = {"dits": dits, "tokenizer": load_tokenizer(locate("tokenizer"), text_len=main.architecture.text_len),
-                      "t5": load("t5"), "vae": load("vae")}
+        tokenizer = load_tokenizer(locate("tokenizer"), text_len=main.architecture.text_len)
+        components = {"dits": dits, "tokenizer": tokenizer, "t5": load("t5"), "vae": load("vae")}
         if main.architecture.image_branch:
             components["clip"] = load("clip")
         offload_encoders(components, device, offload)

@@ -1,6 +1,6 @@
 """Weights that wait in host memory and visit the compute device only while they are used.
 
-LightX2V's offload keys (``shared/reference/formats.md`` §10.4), with LightX2V's meaning:
+LightX2V's offload keys (docs/config.md, Offload), with LightX2V's meaning:
 
 * ``cpu_offload`` + ``offload_granularity``:
 
