@@ -40,7 +40,10 @@ def inspect(args: argparse.Namespace) -> int:
     from x2v.loading.inspect import format_report, inspect_model
     from x2v.pipelines.settings import resolve_settings
 
-    sources = resolve_settings(config_json=args.config).sources
+    settings = resolve_settings(config_json=args.config)
+    for warning in settings.warnings:
+        print(f"x2v: {warning}", file=sys.stderr)
+    sources = settings.sources
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     reports = inspect_model(args.path, sources, dtype)
     if args.json:

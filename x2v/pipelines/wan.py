@@ -70,9 +70,9 @@ def compile_blocks(dit: torch.nn.Module, device: torch.device | str) -> None:
         block.compile()
 
 
-def model_class_of(architectures: list, settings: Settings) -> str:
-    """LightX2V's ``model_cls`` for DiT weights of these architectures (one, or Wan2.2's two experts)."""
-    distilled = bool(settings.get("denoising_step_list"))
+def model_class_of(architectures: list, distilled: bool) -> str:
+    """LightX2V's ``model_cls`` for DiT weights of these architectures (one, or Wan2.2's two experts);
+    ``distilled``: a settings level names a denoising_step_list (LightX2V's 4-step models)."""
     if len(architectures) == 2:
         return "wan2.2_moe_distill" if distilled else "wan2.2_moe"
     model_type = architectures[0].model_type
@@ -138,11 +138,13 @@ class Pipeline:
         found = resolve_dit(model_path or "", sources)
         plans = {name: plan(COMPONENTS["dit"], f.path, sources.quant("dit")) for name, f in found.items()}
         main = next(iter(plans.values()))
-        model_cls = settings.model_cls or model_class_of([p.architecture for p in plans.values()], settings)
+        config_file = model_config_file(model_path, found)
+        model_config = jsonc.load(config_file) if config_file else {}
+        distilled = bool(settings.get("denoising_step_list") or model_config.get("denoising_step_list"))
+        model_cls = settings.model_cls or model_class_of([p.architecture for p in plans.values()], distilled)
         task = settings.task or default_task(main.architecture)
         check_task(main.architecture, task, main.source)
-        config_file = model_config_file(model_path, found)
-        settings = settings.for_model(model_cls, task, jsonc.load(config_file) if config_file else None, config_file)
+        settings = settings.for_model(model_cls, task, model_config, config_file)
         for warning in settings.warnings:
             log.warning(warning)
 
