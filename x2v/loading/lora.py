@@ -8,7 +8,8 @@
   dequantized, changed and re-quantized (stochastic rounding for fp8, docs/pitfalls.md B03).
 * Dynamic (``lora_dynamic_apply``): linear layers get a low-rank branch ``((x @ downᵀ) · scales) @ upᵀ`` added to
   their output, the ranks of every attached LoRA stacked in one branch; other changes (diffs, conv pairs) replace
-  the tensor and keep the original, so ``detach_loras`` restores every original bit for bit.
+  the tensor and keep the original, so ``detach_loras`` restores every original bit for bit. That machinery is
+  ``x2v.runtime.lora_branches``; this module reads the files and prepares the changes.
 
 Every LoRA gets a ``LoraReport`` (matched tensors, skipped keys grouped by reason, the model it seems made for),
 always logged at WARNING, the level the command line shows.

@@ -29,7 +29,7 @@ from typing import Any
 from x2v.errors import ConfigError
 from x2v.formats import jsonc
 from x2v.formats.quant import LEGACY_SCHEMES, UNSUPPORTED_SCHEMES, scheme_families
-from x2v.loading.components import FILE_KEYS
+from x2v.loading.components import COMPONENTS, FILE_KEYS
 from x2v.loading.lora import LoraEntry
 from x2v.loading.resolve import Quantization, Sources
 from x2v.ops.attention import KERNELS, NOT_IMPLEMENTED, TORCH_SDPA
@@ -42,7 +42,6 @@ from x2v.runtime.offload import GRANULARITIES, OffloadConfig
 
 # Levels, lowest precedence first.
 DEFAULT, MODEL_CONFIG, CONFIG_FILE, EXPLICIT, REQUEST = range(5)
-QUANTIZABLE = ("dit", "t5", "clip")
 ATTENTION_KEYS = ("self_attn_1_type", "cross_attn_1_type", "cross_attn_2_type")  # LightX2V's, in set_attention order
 ATTENTION_TYPES = (TORCH_SDPA, *KERNELS, *NOT_IMPLEMENTED)
 
@@ -255,10 +254,10 @@ def merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str], dict[str
     return values, origins, levels
 
 
-def pick(name: str, layers: list[Layer], warnings: list[str] | None) -> tuple[str | None, str]:
-    """``model_cls`` / ``task`` and where it came from: the highest level that sets it; a lower level that says
-    otherwise is reported when ``warnings`` is a list."""
-    chosen, origin = None, "detected from the weights"
+def pick(name: str, layers: list[Layer], warnings: list[str] | None) -> str | None:
+    """``model_cls`` / ``task``: the highest level that sets it; a lower level that says otherwise is reported when
+    ``warnings`` is a list."""
+    chosen, origin = None, ""
     for layer in sorted(layers, key=lambda item: item.level, reverse=True):
         value = layer.values.get(name)
         if value is None:
@@ -267,7 +266,7 @@ def pick(name: str, layers: list[Layer], warnings: list[str] | None) -> tuple[st
             chosen, origin = value, layer.origin(name)
         elif value != chosen and warnings is not None:
             warnings.append(f"{layer.label}: {name} '{value}' is ignored; '{chosen}' ({origin}) wins")
-    return chosen, origin
+    return chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -294,7 +293,7 @@ def _sources(values: Mapping, origins: Mapping, moe: bool, problems: list[str]) 
             continue
         files[key] = Path(value).expanduser()
     quantization = {}
-    for component in QUANTIZABLE:
+    for component in (c.name for c in COMPONENTS.values() if c.quantizable):
         flag, scheme_key = f"{component}_quantized", f"{component}_quant_scheme"
         quantized = _flag(values, origins, flag, None, problems)
         scheme = values.get(scheme_key)
@@ -406,8 +405,8 @@ def resolve_settings(*, flags: Mapping[str, Any] | None = None, config_json: str
 
 def _user_settings(layers: list[Layer], warnings: list[str]) -> Settings:
     # A config written for another model class is likely a mistake; another task with the same file is routine.
-    model_cls, _ = pick("model_cls", layers, warnings)
-    task, _ = pick("task", layers, None)
+    model_cls = pick("model_cls", layers, warnings)
+    task = pick("task", layers, None)
     info = model_class(model_cls) if model_cls is not None else None
     if info is not None and task is not None:
         check_task(model_cls, task)
