@@ -75,8 +75,7 @@ def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] 
             raise ValueError("no prompt: say what the video shows with --prompt \"...\" (or the config key prompt)")
         fallback["prompt"] = default_prompt
     if fallback:
-        settings = resolve_settings(flags=flags, config_json=args.config_json, fallback=fallback,
-                                    fallback_origin=f"{args.command}'s default")
+        settings = settings.with_fallback(fallback, f"{args.command}'s default")
     pipe = Pipeline.load(settings, device=args.device)
     print(f"model: {pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
     output = None if settings.get("save_result_path") else default_output

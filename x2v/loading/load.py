@@ -90,7 +90,7 @@ def compute_dtype(plan: Plan, dtype: torch.dtype | None) -> torch.dtype:
     return plan.default_dtype or torch.float32
 
 
-def describe_quantization(plan: Plan, dtype: torch.dtype) -> None:
+def log_quantization(plan: Plan, dtype: torch.dtype) -> None:
     """Log how 8-bit weights run (the command line shows INFO with --verbose)."""
     encoding = plan.encoding
     if encoding.quantized:
@@ -108,7 +108,7 @@ def materialize(plan: Plan, *, dtype: torch.dtype | None, device: torch.device |
     asked for) has them, float tensors cast once to the compute dtype (``keep_fp32`` ones to float32).
     ``delta(key, device)``: a LoRA change added to a float weight before it is quantized at load."""
     dtype = compute_dtype(plan, dtype)
-    describe_quantization(plan, dtype)
+    log_quantization(plan, dtype)
     component = plan.component
     model = plan.build()
     tensors = prepare_quantized(model, plan.tensors, plan.encoding, quantize_kind=plan.quantize_kind,

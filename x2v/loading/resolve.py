@@ -58,10 +58,15 @@ class Sources:
             raise CheckpointError(f"{path}: not found (set by {self.origin(key)}). Fix the path or remove the key.")
         return None if path is None else Path(path).expanduser()
 
-    def ordered_keys(self, component: str, keys: tuple[str, ...]) -> tuple[str, ...]:
-        """``(original, quantized)`` keys in the order they are tried: the quantized one first when
-        ``<component>_quantized`` is true."""
-        return keys[::-1] if self.quant(component).quantized and len(keys) == 2 else keys
+    def named(self, component: str, keys: tuple[str, ...]) -> tuple[Path, str] | None:
+        """The file the first set of ``keys`` names, with its origin; ``(original, quantized)`` keys are tried with
+        the quantized one first when ``<component>_quantized`` is true. None: no key is set."""
+        ordered = keys[::-1] if self.quant(component).quantized and len(keys) == 2 else keys
+        for key in ordered:
+            path = self.file(key)
+            if path is not None:
+                return path, self.origin(key)
+        return None
 
 
 @dataclass(frozen=True)
@@ -160,11 +165,8 @@ def is_moe(model_path: Path, sources: Sources) -> bool:
 
 def explicit(sources: Sources, component: str, keys: tuple[str, ...], choose: str) -> Found | None:
     """The DiT a config key names (``keys``: original, quantized), if one does."""
-    for key in sources.ordered_keys(component, keys):
-        path = sources.file(key)
-        if path is not None:
-            return _dit_at(path, sources.origin(key), choose)
-    return None
+    named = sources.named(component, keys)
+    return _dit_at(*named, choose) if named else None
 
 
 def resolve_expert(model_path: Path, sources: Sources, expert: str) -> Found:
@@ -356,11 +358,9 @@ def find_in_folder(name: str, directory: Path, kind: str | None = None) -> Path:
 def resolve_component(name: str, model_path: str | Path, sources: Sources = Sources()) -> Found:
     """The checkpoint of ``t5``, ``tokenizer``, ``clip`` or ``vae``: a config key that names it, else the model
     folder (the folder of a single DiT file)."""
-    component = COMPONENTS[name]
-    for key in sources.ordered_keys(name, component.file_keys):
-        path = sources.file(key)
-        if path is not None:
-            return Found(path, sources.origin(key))
+    named = sources.named(name, COMPONENTS[name].file_keys)
+    if named:
+        return Found(*named)
     directory = model_folder(model_path, sources)
     if directory.is_file():
         directory = directory.parent  # a single DiT file: its companions lie beside it

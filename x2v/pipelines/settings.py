@@ -130,6 +130,12 @@ class Settings:
     def origin(self, key: str) -> str:
         return self.origins.get(key, "default")
 
+    def with_fallback(self, values: Mapping[str, Any], origin: str) -> Settings:
+        """These user settings with ``values`` below every level (a command's own defaults, e.g. the demo model's
+        folder), said to come from ``origin``; the levels already read are reused, not read again."""
+        fallback = Layer(DEFAULT, origin, MappingProxyType(dict(values)), where=lambda key: origin)
+        return replace(_user_settings([fallback, *self.layers], []), warnings=self.warnings)
+
     def for_model(self, model_cls: str, task: str, model_config: dict | None = None,
                   model_config_path: str | Path | None = None) -> Settings:
         """These settings on top of the model's: the defaults of ``model_cls`` / ``task`` and the sampling keys of
@@ -380,20 +386,15 @@ def _output(values: Mapping) -> OutputSettings:
 
 
 def resolve_settings(*, flags: Mapping[str, Any] | None = None, config_json: str | Path | Mapping | None = None,
-                     keywords: Mapping[str, Any] | None = None, fallback: Mapping[str, Any] | None = None,
-                     fallback_origin: str = "x2v's default") -> Settings:
+                     keywords: Mapping[str, Any] | None = None) -> Settings:
     """Step one, before any weight is read: the user's levels merged, normalised and the load-time sections checked.
 
     ``flags``: the command line's (argparse dests, LightX2V's names); ``config_json``: a config file path or dict;
-    ``keywords``: Python keyword arguments; ``fallback``: values a command uses when no level sets them (e.g. the
-    demo model's folder), said to come from ``fallback_origin``. ``model_cls`` / ``task`` may come from any of them
-    or stay None (the weights say them). Raises ``ConfigError`` (every problem at once) or
-    ``UnsupportedModelError``.
+    ``keywords``: Python keyword arguments. ``model_cls`` / ``task`` may come from any of them or stay None (the
+    weights say them). Raises ``ConfigError`` (every problem at once) or ``UnsupportedModelError``.
     """
     warnings: list[str] = []
     layers = [layer for layer in (
-        Layer(DEFAULT, fallback_origin, MappingProxyType(dict(fallback)), where=lambda key: fallback_origin)
-        if fallback else None,
         config_file_layer(config_json, warnings),
         normalize(flags, EXPLICIT, "command line", lambda key: f"flag --{key}", quiet_aliases=True,
                   warnings=warnings) if flags else None,
