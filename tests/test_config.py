@@ -335,15 +335,15 @@ def test_aliases_quiet_in_overrides_noted_in_files() -> None:
 
 def test_known_but_ignored_keys_warn() -> None:
     _, warnings = resolve_settings("wan2.1", "t2v", config_file={
-        "offload_ratio": 0.8, "max_memory": 20, "parallel": {"seq_p_size": 4, "seq_p_attn_type": "ulysses"},
-        "feature_caching": "Tea", "teacache_thresh": 0.26})
+        "offload_ratio": 0.8, "max_memory": 20, "tensor_parallel": True, "feature_caching": "Tea",
+        "teacache_thresh": 0.26})
     joined = "\n".join(warnings)
     assert len(warnings) == 4
-    for key in ("offload_ratio", "max_memory", "parallel", "feature_caching"):
+    for key in ("offload_ratio", "max_memory", "tensor_parallel", "feature_caching"):
         assert f"config key '{key}'" in joined
-    assert "one GPU" in joined
-    # Values that ask for nothing are silent.
-    for parallel in (False, {"seq_p_size": 1, "cfg_p_size": 1}):
+    assert "fsdp" in joined  # what to use instead of tensor parallelism
+    # Values that ask for nothing are silent; the parallel block is read (x2v.runtime.parallel).
+    for parallel in (False, {"seq_p_size": 1, "cfg_p_size": 1}, {"seq_p_size": 4, "seq_p_attn_type": "ulysses"}):
         _, warnings = resolve_settings("wan2.1", "t2v", config_file={
             "parallel": parallel, "seq_parallel": False, "feature_caching": "NoCaching", "use_tae": False,
             "parallel_x": 1})
@@ -464,7 +464,8 @@ def test_every_lightx2v_key_is_known() -> None:
         assert {k for k in config if not k.endswith("_setting")} <= KNOWN_KEYS
 
 
-@pytest.mark.parametrize("name", ["wan_t2v", "wan_i2v", "wan_moe_t2v", "wan_moe_i2v_distill", "wan_ti2v"])
+@pytest.mark.parametrize("name", ["wan_t2v", "wan_i2v", "wan_moe_t2v", "wan_moe_i2v_distill", "wan_ti2v",
+                                  "wan_t2v_8gpu"])
 def test_shipped_example_configs_resolve_without_warnings(name: str) -> None:
     config = jsonc.load(REPO / "configs" / f"{name}.json")
     settings, warnings = resolve_settings(None, None, config_file=config)

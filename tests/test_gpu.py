@@ -389,3 +389,46 @@ def test_offload(kind, mode, tiny_model, resident_videos):
     on_host = all(p.device.type == "cpu" for dit in pipe.dits.values() for p in dit.parameters())
     assert diff == 0 and on_host, (f"{kind} cpu_offload {mode}: max |diff| to resident {diff}, DiT back on the "
                                    f"host: {on_host}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_ring_attention_part(dtype):
+    """The ring's attention over one K/V part with its log-sum-exp (torch's memory-efficient kernel on CUDA; the
+    CPU tests run the CPU flash kernel) against the formula in float64."""
+    from x2v.ops.sequence_parallel import attention_with_lse
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 8, 128, generator=g) for n in (1000, 700, 700))
+    out, lse = attention_with_lse(*(t.to(GPU, dtype) for t in (q, k, v)))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / 128 ** 0.5
+    expected = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v.double())
+    bound = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert relative_l2(out.cpu().double(), expected) < bound
+    assert (lse.cpu().double() - scores.logsumexp(-1).transpose(1, 2)).abs().max() < 10 * bound
+
+
+@pytest.mark.parametrize("kind", ["ulysses", "ring"])
+def test_sequence_parallel_collectives_on_nccl(kind, tiny_model):
+    """A one-rank NCCL group through a bf16 DiT (the one GPU a session has): the all-to-alls, the all-gather and the
+    ring's kernel on CUDA give the plain forward's output."""
+    import torch.distributed as dist
+
+    from x2v.ops.sequence_parallel import SequenceParallel
+    from x2v.pipelines.wan import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_model("t2v"), device=GPU, **SMALL)
+    dit = next(iter(pipe.dits.values()))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 3, 14, 18, generator=g).to(GPU)
+    context = [torch.randn(7, dit.config.text_dim, generator=g).to(GPU, torch.bfloat16)]
+    t = torch.tensor([900.0], device=GPU)
+    with torch.inference_mode():
+        plain = dit(x, t, context)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device(GPU, 0))
+        try:
+            dit.sequence_parallel = SequenceParallel(dist.group.WORLD, kind)
+            split = dit(x, t, context)
+        finally:
+            dit.sequence_parallel = None
+            dist.destroy_process_group()
+    assert relative_l2(split.float(), plain.float()) < (1e-6 if kind == "ulysses" else 2e-2)

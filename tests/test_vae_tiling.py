@@ -110,6 +110,20 @@ def test_tiled_decode_is_the_blend_of_tiles_decoded_alone(vae):
     torch.testing.assert_close(tiled, expected, rtol=0, atol=1e-5)
 
 
+def test_parts_of_the_tiles_sum_to_the_tiled_decode(vae):
+    """vae_parallel: rank i of n decodes tiles i, i + n, ...; the sum over the ranks is the tiled decode, and each
+    part is zero outside its tiles."""
+    latents = random_latents(vae, *LATENT_HW)
+    tiled = vae.decode(latents, tiled=True, tile=TILE, overlap=OVERLAP)
+    parts = [vae.decode(latents, tiled=True, tile=TILE, overlap=OVERLAP, part=(i, 4)) for i in range(4)]
+    torch.testing.assert_close(sum(parts), tiled, rtol=0, atol=1e-6)
+    first, fifth = tile_grid(*LATENT_HW, TILE, OVERLAP, vae.stride[1])[0::4]  # part 0's tiles
+    outside = torch.ones_like(tiled, dtype=torch.bool)
+    for tile in (first, fifth):
+        outside[(..., *tile.scaled(vae.stride[1]))] = False
+    assert parts[0][outside].abs().max() == 0 and parts[0][~outside].abs().max() > 0
+
+
 def test_tiled_equals_untiled_when_the_decoder_is_local(local_vae):
     """Where nothing crosses a tile border, tiling is exact: placement, blend weights and clamping are right.
     Measured max |tiled - untiled|: decode 1.2e-7 (Wan2.1) / 3.2e-7 (Wan2.2) at output scale 0.26 / 0.49,

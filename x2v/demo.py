@@ -95,9 +95,9 @@ def write_dit(directory: Path, config: WanDiTConfig, seed: int, sampling: dict |
     (directory / "config.json").write_text(json.dumps({**json_config, **(sampling or {})}, indent=2))
 
 
-def write_tiny_model(directory: Path, kind: str = "t2v", sampling: dict | None = None) -> Path:
+def write_tiny_model(directory: Path, kind: str = "t2v", sampling: dict | None = None, **dit_changes) -> Path:
     """A complete tiny model directory of ``kind`` (a key of ``TINY_DITS``), random weights, official file names;
-    ``sampling``: settings its config.json carries.
+    ``sampling``: settings its config.json carries; ``dit_changes``: DiT config fields to change (``num_heads=4``).
 
     Built in a temp folder and renamed when complete; an existing directory is reused as it is.
     """
@@ -106,7 +106,7 @@ def write_tiny_model(directory: Path, kind: str = "t2v", sampling: dict | None =
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=directory.parent))
     try:
-        config = TINY_DITS[kind]
+        config = replace(TINY_DITS[kind], **dit_changes)
         if kind.startswith("moe_"):
             for seed, expert in enumerate(("high_noise_model", "low_noise_model"), start=1):
                 write_dit(tmp / expert, config, seed)
@@ -124,7 +124,12 @@ def write_tiny_model(directory: Path, kind: str = "t2v", sampling: dict | None =
             torch.save({f"visual.{k}": v.half() for k, v in clip.items()},
                        tmp / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth")
         write_tokenizer(tmp / "google" / "umt5-xxl")
-        os.replace(tmp, directory)
+        try:
+            os.replace(tmp, directory)
+        except OSError:
+            if not directory.is_dir():
+                raise
+            # Another process (a torchrun rank) wrote the same model first: use that one.
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory

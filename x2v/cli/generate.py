@@ -61,23 +61,32 @@ def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] 
     ``default_model`` (called when neither a flag nor the config names the model) and ``default_prompt`` are the
     command's own defaults, below every level the user sets."""
     from x2v.pipelines.settings import resolve_settings
-    from x2v.pipelines.wan import Pipeline
+    from x2v.pipelines.wan import Pipeline, default_device
+    from x2v.runtime import parallel
 
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="x2v: %(message)s")
+    # Under torchrun rank 0 speaks for the job; the other ranks say only their own errors.
+    main = parallel.launched_rank() == 0
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level if main else logging.ERROR, format="x2v: %(message)s")
     flags = {key: value for key, value in vars(args).items() if key not in NOT_SETTINGS and value is not None}
     settings = resolve_settings(flags=flags, config_json=args.config_json)
     fallback = {}
     if settings.model_path is None and not settings.sources.files and default_model is not None:
         fallback["model_path"] = default_model()
-        print(f"no --model_path: the tiny random-weight demo model in {fallback['model_path']}")
+        if main:
+            print(f"no --model_path: the tiny random-weight demo model in {fallback['model_path']}")
     if settings.get("prompt") is None:
         if default_prompt is None:
             raise ValueError("no prompt: say what the video shows with --prompt \"...\" (or the config key prompt)")
         fallback["prompt"] = default_prompt
     if fallback:
         settings = settings.with_fallback(fallback, f"{args.command}'s default")
-    pipe = Pipeline.load(settings, device=args.device)
-    print(f"model: {pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
+    layout = parallel.start(settings.parallel, default_device(args.device))
+    say = print if main else (lambda *_, **__: None)
+    if layout is not None:
+        say(layout.describe(), flush=True)
+    pipe = Pipeline.load(settings, device=args.device, layout=layout)
+    say(f"model: {pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
     output = None if settings.get("save_result_path") else default_output
-    print(pipe.generate(save_result_path=output).report())
+    say(pipe.generate(save_result_path=output).report())
     return 0

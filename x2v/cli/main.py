@@ -126,17 +126,26 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(func, args: argparse.Namespace) -> int:
-    """Run a subcommand; bad input gives one clear line and exit status 2, not a traceback."""
-    from x2v.errors import X2VError
+    """Run a subcommand; bad input gives one clear line and exit status 2, not a traceback. Under torchrun the
+    line names the rank; torchrun then ends the other ranks."""
+    from x2v.errors import X2VError, first_line
 
+    who = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         return func(args)
     except (X2VError, ValueError) as e:
-        print(f"x2v: error: {e}", file=sys.stderr)
+        print(f"x2v: {who}error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that cannot be read or written: say which, no traceback
-        print(f"x2v: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"x2v: {who}error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not who:
+            raise  # a bug: its traceback helps
+        # Under torchrun the usual case is a collective that lost a rank which failed first: one line, no traceback.
+        print(f"x2v: {who}stopped: {first_line(e)} (if another rank failed first, its error above says why)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("x2v: interrupted", file=sys.stderr)
         return 130

@@ -323,13 +323,15 @@ class CausalVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool = False, tile: int | None = None,
-               overlap: int | None = None) -> torch.Tensor:
+               overlap: int | None = None, part: tuple[int, int] | None = None) -> torch.Tensor:
         """Normalized latents ``[B, z, T, h, w]`` -> video ``[B, 3, 1 + 4(T-1), h*s, w*s]`` clamped to [-1, 1].
 
         Decodes one latent frame at a time; the output is written into a preallocated tensor. ``tiled``: decode
         overlapping spatial tiles of at most ``tile`` x ``tile`` latents, each sharing ``overlap`` latents with its
         neighbours (default 256 px tiles, 64 px overlap: Wan2.1 32 / 8, Wan2.2 16 / 4), one tile at a time through
         all frames, and blend them with linear ramps. Approximate: the decoder sees only the tile.
+        ``part=(index, count)`` (tiled; decoding on several ranks): only the tiles ``index``, ``index + count``, ...,
+        the rest zero; the sum of all ``count`` parts is the tiled decode.
         """
         weight = self.conv2.weight
         if latents.dim() != 5 or latents.shape[1] != self.z_dim:
@@ -344,8 +346,9 @@ class CausalVAE(nn.Module):
             self.decode_into(video, x)
             return video
         video = x.new_zeros(b, 3, 1 + st * (t - 1), h * sh, w * sw)
-        for part in self.tiles(h, w, tile, overlap, scale=sh):
-            self.decode_into(video[(..., *part.scaled(sh))], x[..., part.rows, part.cols], part.weight.to(video))
+        index, count = part or (0, 1)
+        for piece in self.tiles(h, w, tile, overlap, scale=sh)[index::count]:
+            self.decode_into(video[(..., *piece.scaled(sh))], x[..., piece.rows, piece.cols], piece.weight.to(video))
         return video
 
     def decode_into(self, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:

@@ -23,6 +23,7 @@ from x2v.ops.quant_linear import (QuantizedInput, QuantLinear, fp8_input, input_
                                   quantized_input, shares_quantized_input)
 from x2v.ops.quant_math import FP8, Fp8Query
 from x2v.ops.rope import rope_rotations
+from x2v.ops.sequence_parallel import SequenceParallel, Shard
 
 # Parameters stored in float32 whatever the compute dtype (the official code runs them in float32).
 FP32_PARAMS = ("modulation", "norm", "time_embedding", "time_projection", "head.head", "img_emb.proj.0",
@@ -123,15 +124,21 @@ class SelfAttention(nn.Module):
     def qkv(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         return self.q, self.k, self.v
 
-    def forward(self, x: torch.Tensor | QuantizedInput, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedInput, rope: torch.Tensor, shard: Shard | None = None
+                ) -> torch.Tensor:
+        """``shard``: ``x`` is this rank's part of the tokens (sequence parallel); the attention sees them all."""
         if isinstance(x, torch.Tensor):
             x = x.to(input_dtype(self.q))  # once for q, k and v
             if shares_quantized_input(self.qkv, x):  # 8-bit layers: x quantized once for all three
                 x = quantize_input(x, self.q.kind)
         v = linear(self.v, x).unflatten(-1, (self.num_heads, -1))
-        # An attention kernel that quantizes Q to fp8 with one scale (cudnn_fp8) gets it so from the norm.
-        q = self.norm_q(linear(self.q, x), self.num_heads, FP8 if takes_fp8_query(self.backend, v) else v.dtype, rope)
+        # An attention kernel that quantizes Q to fp8 with one scale (cudnn_fp8) gets it so from the norm; not where
+        # the tokens are exchanged between ranks (each rank's part would bring its own scale).
+        fp8_query = shard is None and takes_fp8_query(self.backend, v)
+        q = self.norm_q(linear(self.q, x), self.num_heads, FP8 if fp8_query else v.dtype, rope)
         k = self.norm_k(linear(self.k, x), self.num_heads, v.dtype, rope)
+        if shard is not None:
+            return linear(self.o, shard.attention(q, k, v, self.backend).flatten(2))
         if self.backend in FP8_OUTPUT and shares_quantized_input((self.o,), v) and self.o.kind == "fp8":
             # An attention kernel that writes fp8 (cudnn_fp8 on Hopper) hands its output to the fp8 o-projection
             # as it is: no conversion to 16 bits and quantization back.
@@ -203,14 +210,15 @@ class WanBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg.dim, cfg.num_heads, cfg.eps, cfg.image_branch)
         self.ffn = FeedForward(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, e0, text, image, rope) -> torch.Tensor:
-        # e0: [B, 1 or L, 6, dim] float32; x: [B, L, dim] float32 residual stream.
+    def forward(self, x, e0, text, image, rope, shard: Shard | None = None) -> torch.Tensor:
+        # e0: [B, 1 or L, 6, dim] float32; x: [B, L, dim] float32 residual stream (sequence parallel: this rank's
+        # part of the tokens, with the matching part of rope and of a per-token e0).
         # Each norm writes its output in the dtype of the linear layer that reads it, and takes in the residual
         # add before it (one pass over the float32 stream).
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.unsqueeze(0) + e0).unbind(2)
         h = modulated_norm(x, shift_sa, scale_sa, self.eps, *norm_output(self.self_attn.qkv, x))
         # norm3 runs as a module call (not a function of its tensors), so offload hooks bring its weights in
-        x, h = self.norm3(x, self.self_attn(layer_input(h, x.shape), rope), gate_sa,
+        x, h = self.norm3(x, self.self_attn(layer_input(h, x.shape), rope, shard), gate_sa,
                           *norm_output((self.cross_attn.q,), x))
         x, h = residual_modulated_norm(x, self.cross_attn(layer_input(h, x.shape), text, image), shift_ff, scale_ff,
                                        self.eps, *norm_output((self.ffn[0],), x))
@@ -282,6 +290,7 @@ class WanDiT(nn.Module):
         if cfg.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {cfg.model_type!r} is not one of {MODEL_TYPES}")
         self.config = cfg
+        self.sequence_parallel: SequenceParallel | None = None  # set by x2v.runtime.parallel
         self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.text_embedding = nn.Sequential(
             nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.dim, cfg.dim)
@@ -378,14 +387,19 @@ class WanDiT(nn.Module):
         text = self.embed_text(context)
         image = self.embed_image(clip_fea, batch)
         rope = rope_rotations(grid, cfg.head_dim, hidden.device)  # cached
+        shard = self.sequence_parallel.shard(tokens) if self.sequence_parallel is not None else None
+        if shard is not None:  # this rank's tokens, their positions and (TI2V) their timesteps
+            hidden, rope = shard.split(hidden), shard.split(rope, dim=0)
+            if e0.shape[1] == tokens:
+                e, e0 = shard.split(e), shard.split(e0)
 
-        hints = self.vace_hints(vace_context, hidden, e0, text, image, rope) if vace_context is not None else {}
+        hints = {} if vace_context is None else self.vace_hints(vace_context, hidden, e0, text, image, rope, shard)
         for i, block in enumerate(self.blocks):
-            hidden = block(hidden, e0, text, image, rope)
+            hidden = block(hidden, e0, text, image, rope, shard)
             if i in hints:
                 hidden = hidden + hints[i] * vace_scale
         out = self.head(hidden, e)
-        return self.unpatchify(out, grid)
+        return self.unpatchify(out if shard is None else shard.gather(out), grid)
 
     def embed_image(self, clip_fea: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         cfg = self.config
@@ -400,16 +414,18 @@ class WanDiT(nn.Module):
             raise ValueError(f"clip_fea has {clip_fea.shape[1]} tokens per sample, this model takes {cfg.image_tokens}")
         return self.img_emb(clip_fea)
 
-    def vace_hints(self, vace_context, hidden, e0, text, image, rope) -> dict[int, torch.Tensor]:
+    def vace_hints(self, vace_context, hidden, e0, text, image, rope, shard=None) -> dict[int, torch.Tensor]:
         """Run the VACE branch; returns the hint to add after each main block listed in ``vace_layers``."""
         if not self.config.vace_layers:
             raise ValueError("this DiT is not a VACE model; do not pass vace_context")
         c = self.patchify(self.vace_patch_embedding, vace_context)
+        if shard is not None:
+            c = shard.split(c)
         hints = {}
         for i, (layer, block) in enumerate(zip(self.config.vace_layers, self.vace_blocks)):
             if i == 0:
                 c = linear(block.before_proj, c).float() + hidden
-            c = block(c, e0, text, image, rope)
+            c = block(c, e0, text, image, rope, shard)
             hints[layer] = linear(block.after_proj, c).float()
         return hints
 

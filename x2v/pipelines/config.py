@@ -315,14 +315,6 @@ def _truthy(value: Any) -> bool:
     return bool(value)
 
 
-def _parallel_requested(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(isinstance(v, int) and v > 1 for k, v in value.items() if k.endswith("_size"))
-    return bool(value)
-
-
-_ONE_GPU = "x2v runs on one GPU; sequence / CFG / tensor parallelism is not implemented yet"
-
 # Keys x2v knows but does not act on: key -> (does this value ask for something?, why it is ignored).
 # Delete an entry when the feature lands.
 IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -333,10 +325,9 @@ IGNORED_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "t5_lazy_load": (_truthy, "umT5 is not streamed from disk; t5_cpu_offload streams its blocks from host memory"),
     "clean_cuda_cache": (_truthy, "torch.cuda.empty_cache is not called between steps; offloaded blocks reuse "
                                   "their device buffers"),
-    "parallel": (_parallel_requested, _ONE_GPU),
-    "seq_parallel": (_truthy, _ONE_GPU),
-    "cfg_parallel": (_truthy, _ONE_GPU),
-    "tensor_parallel": (_truthy, _ONE_GPU),
+    **{k: (_truthy, "LightX2V derives it from the parallel block; set parallel.seq_p_size / cfg_p_size")
+       for k in ("seq_parallel", "cfg_parallel")},
+    "tensor_parallel": (_truthy, "tensor parallelism is not implemented; parallel.fsdp shards the DiT's weights"),
     "feature_caching": (lambda v: v != "NoCaching",
                         "feature caching (TeaCache, MagCache, ...) is not implemented yet; every step runs the model"),
     "use_prompt_enhancer": (_truthy, "prompt enhancement is not implemented"),

@@ -3,8 +3,8 @@
 ``resolve_settings`` turns the command line's flags, a ``--config_json`` file and Python keyword arguments into a
 frozen ``Settings``: every key under today's LightX2V name (aliases, renamed and deprecated keys mapped, unknown
 keys warned about with the closest known key and the file that holds them), the load-time sections typed and
-checked (``sources`` with each component's quantization, ``lora``, ``offload``, ``attention``), and each value's
-origin ("flag --model_path", "config key vae_path in my.json"). No file but the config file is read.
+checked (``sources`` with each component's quantization, ``lora``, ``offload``, ``attention``, ``parallel``), and
+each value's origin ("flag --model_path", "config key vae_path in my.json"). No file but the config file is read.
 
 Values that depend on the model (the defaults of its class and task, its own ``config.json``) come in a second,
 explicit step once the weights' headers have said what the model is: ``settings.for_model(model_cls, task,
@@ -38,7 +38,9 @@ from x2v.pipelines.config import (
     ALIASES, IGNORED_KEYS, LOAD_KEYS, RENAMED, SAMPLING_KEYS, SCHEDULER_TYPES, check_task, default_negative_prompt,
     defaults, guide_scales, is_known, model_class, raise_problems, suggest, validate,
 )
+from x2v.ops.sequence_parallel import KINDS as SEQUENCE_PARALLEL_KINDS
 from x2v.runtime.offload import GRANULARITIES, OffloadConfig
+from x2v.runtime.parallel import ParallelConfig
 
 # Levels, lowest precedence first.
 DEFAULT, MODEL_CONFIG, CONFIG_FILE, EXPLICIT, REQUEST = range(5)
@@ -120,6 +122,7 @@ class Settings:
     lora: LoraSettings
     offload: OffloadConfig
     attention: AttentionSettings
+    parallel: ParallelConfig
     sampling: SamplingSettings | None = None  # with the model (for_model)
     output: OutputSettings | None = None
     model_layers: tuple[Layer, ...] = ()  # the model's levels (defaults, its config.json), with the model
@@ -362,6 +365,60 @@ def _attention(values: Mapping, origins: Mapping, problems: list[str]) -> Attent
     return AttentionSettings(*types, compile=_flag(values, origins, "use_compile", False, problems))
 
 
+# The parallel block's keys: x2v's name -> (LightX2V key, default).
+PARALLEL_KEYS = {"seq_size": ("seq_p_size", 1), "seq_attention": ("seq_p_attn_type", "ulysses"),
+                 "cfg_size": ("cfg_p_size", 1), "vae_parallel": ("vae_parallel", False), "fsdp": ("fsdp", False),
+                 "timeout_s": ("timeout_s", 1800.0)}
+# LightX2V's other parallel keys: key -> (does this value ask for something?, why x2v does not act on it).
+PARALLEL_IGNORED = {
+    "tensor_p_size": (lambda v: v != 1, "tensor parallelism is not implemented; fsdp true shards the DiT's weights"),
+    "tp_load_mode": (lambda v: True, "it applies to tensor parallelism, which x2v does not implement"),
+    "seq_p_fp8_comm": (bool, "the tokens are exchanged in the compute dtype (exact); fp8 exchange is not implemented"),
+}
+
+
+def _parallel(values: Mapping, origins: Mapping, problems: list[str], warnings: list[str]) -> ParallelConfig:
+    """LightX2V's ``parallel`` block (x2v adds ``fsdp`` and ``timeout_s``); the job's size is checked at launch."""
+    block = values.get("parallel")
+    if block is None or block is False:
+        return ParallelConfig()
+    where = origins.get("parallel", "config key parallel")
+    if not isinstance(block, Mapping):
+        problems.append(f"parallel must be an object like {{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", "
+                        f"\"cfg_p_size\": 2}}, got {block!r} ({where})")
+        return ParallelConfig()
+    known = {key for key, _ in PARALLEL_KEYS.values()}
+    for key, value in block.items():
+        if key in PARALLEL_IGNORED and PARALLEL_IGNORED[key][0](value):
+            warnings.append(f"parallel.{key} = {json.dumps(value)} is ignored: {PARALLEL_IGNORED[key][1]} ({where})")
+        elif key not in known and key not in PARALLEL_IGNORED:
+            warnings.append(f"unknown key parallel.{key}{suggest(key, [*known]) or ' (ignored)'} ({where})")
+    fields = {name: block.get(key, default) for name, (key, default) in PARALLEL_KEYS.items()}
+    for name in ("seq_size", "cfg_size"):
+        value = fields[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"parallel.{PARALLEL_KEYS[name][0]} must be a positive integer, got {value!r} ({where})")
+            fields[name] = 1
+    if fields["cfg_size"] > 2:
+        problems.append(f"parallel.cfg_p_size must be 1 or 2 (the conditional and unconditional passes), got "
+                        f"{fields['cfg_size']} ({where}); give the other ranks to seq_p_size")
+        fields["cfg_size"] = 1
+    if fields["seq_attention"] not in SEQUENCE_PARALLEL_KINDS:
+        problems.append(f"parallel.seq_p_attn_type must be one of {', '.join(SEQUENCE_PARALLEL_KINDS)}, got "
+                        f"{fields['seq_attention']!r} ({where})")
+    for name in ("vae_parallel", "fsdp"):
+        if not isinstance(fields[name], bool):
+            problems.append(f"parallel.{name} must be true or false, got {fields[name]!r} ({where})")
+    timeout = fields["timeout_s"]
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        problems.append(f"parallel.timeout_s must be a positive number of seconds, got {timeout!r} ({where})")
+        fields["timeout_s"] = PARALLEL_KEYS["timeout_s"][1]
+    if fields["fsdp"] is True and values.get("cpu_offload"):
+        problems.append("parallel.fsdp shards the DiT's weights over the GPUs; cpu_offload moves them to the host: "
+                        "use one of them")
+    return ParallelConfig(**fields)
+
+
 def _sampling(values: Mapping, moe: bool) -> SamplingSettings:
     distill = values["sample_solver"] == "distill"
     steps = values.get("denoising_step_list")
@@ -418,12 +475,14 @@ def _user_settings(layers: list[Layer], warnings: list[str]) -> Settings:
         problems.append(f"model_path must be a path, got {model_path!r} ({origins['model_path']})")
         model_path = None
     moe = bool(info and info.moe)
+    parallel = _parallel(values, origins, problems, warnings)
     settings = Settings(
         values=MappingProxyType(values), origins=MappingProxyType(origins), layers=tuple(layers),
         warnings=tuple(warnings), model_cls=model_cls, task=task,
         model_path=Path(model_path).expanduser() if model_path is not None else None,
         sources=_sources(values, origins, moe, problems), lora=_lora(values, origins, problems),
         offload=_offload(values, origins, problems), attention=_attention(values, origins, problems),
+        parallel=parallel,
     )
     raise_problems(problems)
     if model_cls is not None:  # everything else can be checked now too
@@ -489,8 +548,13 @@ def _complete(user: Settings, model_cls: str, task: str, model_layers: tuple[Lay
         warnings.append("enable_cfg is true with the distill sampler: distilled weights are made for one pass per "
                         "step without CFG (set enable_cfg false unless the LoRA / model says otherwise)")
     validate(values, origins)
+    sampling = _sampling(values, info.moe)
+    if user.parallel.cfg_size == 2 and not sampling.cfg:
+        raise ConfigError(f"parallel.cfg_p_size 2 runs the conditional and unconditional passes on different ranks, "
+                          f"but CFG is off for {model_cls} (enable_cfg false, {origins.get('enable_cfg', 'default')}): "
+                          "set cfg_p_size 1 and give the ranks to seq_p_size, or enable_cfg true")
     return replace(
         user, values=MappingProxyType(values), origins=MappingProxyType(origins), warnings=tuple(warnings),
         model_cls=model_cls, task=task, sources=replace(user.sources, two_experts=info.moe),
-        sampling=_sampling(values, info.moe), output=_output(values), model_layers=model_layers,
+        sampling=sampling, output=_output(values), model_layers=model_layers,
     )

@@ -34,6 +34,7 @@ from x2v.pipelines import conditioning as cond
 from x2v.pipelines.schedulers import make_scheduler
 from x2v.pipelines.settings import OutputSettings, SamplingSettings, Settings, resolve_settings
 from x2v.pipelines.video import load_image, load_mask, load_video, to_uint8_frames, write_mp4
+from x2v.runtime import parallel
 from x2v.runtime.offload import DiTOffload, offload_encoders
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,11 @@ def timed(timings: dict, phase: str, device: torch.device):
     timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, else CUDA when there is one (under torchrun: each rank's GPU, see ``x2v.runtime.parallel``)."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -104,11 +110,12 @@ def peak_memory(device: torch.device) -> int:
 
 class Pipeline:
     def __init__(self, *, settings: Settings, components: dict, device: torch.device, dtype: torch.dtype,
-                 load_seconds: float = 0.0):
-        self.settings = settings
+                 load_seconds: float = 0.0, layout: parallel.Layout | None = None):
+        self.settings, self.layout = settings, layout
+        self.main = layout is None or layout.main  # runs the encoders and writes the video
         self.model_cls, self.task = settings.model_cls, settings.task
-        self.tokenizer, self.text_encoder = components["tokenizer"], components["t5"]
-        self.dits, self.vae, self.clip = components["dits"], components["vae"], components.get("clip")
+        self.tokenizer, self.text_encoder = components.get("tokenizer"), components.get("t5")
+        self.dits, self.vae, self.clip = components["dits"], components.get("vae"), components.get("clip")
         self.device, self.dtype, self.load_seconds = device, dtype, load_seconds
         self.offload = DiTOffload(self.dits, device, settings.offload)
 
@@ -119,17 +126,24 @@ class Pipeline:
                         **config) -> Pipeline:
         """Load every component of ``model_path``. ``config_json`` (a LightX2V-style file or dict) and keyword
         settings (LightX2V key names, e.g. ``infer_steps=4``, ``dit_quant_scheme="fp8-vllm"``) override the
-        defaults, keywords last (docs/config.md)."""
+        defaults, keywords last (docs/config.md). Under torchrun, ``parallel={"seq_p_size": ...}`` splits the work
+        over the ranks (README, Many GPUs)."""
         keywords = {**config, "model_path": model_path, "model_cls": model_cls, "task": task}
         return cls.load(resolve_settings(config_json=config_json, keywords=keywords), device=device, dtype=dtype)
 
     @classmethod
-    def load(cls, settings: Settings, *, device: str | torch.device | None = None,
-             dtype: torch.dtype | None = None) -> Pipeline:
+    def load(cls, settings: Settings, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+             layout: parallel.Layout | None = None) -> Pipeline:
         """Load the model ``settings`` (from ``resolve_settings``) describe. The DiT files' headers say what the
-        model is; the settings are completed for it and checked before any weight is read."""
+        model is; the settings are completed for it and checked before any weight is read. Under torchrun the job
+        is joined first (``layout``: already joined, by ``parallel.start``)."""
         start = time.perf_counter()
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
+        if layout is None:
+            layout = parallel.start(settings.parallel, device)
+            if layout is not None and layout.main:
+                log.info(layout.describe())
+        device = layout.device if layout is not None else device
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         sources, model_path = settings.sources, settings.model_path
         if model_path is None and not sources.files:
@@ -144,17 +158,22 @@ class Pipeline:
         model_cls = settings.model_cls or model_class_of([p.architecture for p in plans.values()], distilled)
         task = settings.task or default_task(main.architecture)
         check_task(main.architecture, task, main.source)
+        parallel.check_heads(settings.parallel, main.architecture.num_heads, str(main.source))
         settings = settings.for_model(model_cls, task, model_config, config_file)
         for warning in settings.warnings:
             log.warning(warning)
 
         offload, lora = settings.offload, settings.lora
-        # Experts wait on the CPU; only the active one is moved to the GPU during sampling.
-        dit_device = "cpu" if len(found) == 2 else offload.place("dit", device)
+        # Experts wait on the CPU; only the active one is moved to the GPU during sampling. Sharded weights (fsdp)
+        # go to the GPU block by block, a 1/world part each.
+        fsdp = settings.parallel.fsdp and layout is not None
+        dit_device = "cpu" if len(found) == 2 or fsdp else offload.place("dit", device)
         dits = {name: finish_dit(planned, dtype=dtype, device=dit_device, expert=name if len(plans) == 2 else None,
                                  lora_configs=lora.entries, lora_dynamic_apply=lora.dynamic, lora_strict=lora.strict)
                 for name, planned in plans.items()}
         for dit in dits.values():
+            if layout is not None:
+                layout.parallelize(dit)
             dit.set_attention(*settings.attention.types)
             if settings.attention.compile:
                 compile_blocks(dit, device)
@@ -166,13 +185,19 @@ class Pipeline:
             return load_component(name, locate(name), dtype=None if name == "vae" else dtype,
                                   device=offload.place(name, device), quantization=sources.quant(name))
 
-        tokenizer = load_tokenizer(locate("tokenizer"), text_len=main.architecture.text_len)
-        components = {"dits": dits, "tokenizer": tokenizer, "t5": load("t5"), "vae": load("vae")}
-        if main.architecture.image_branch:
-            components["clip"] = load("clip")
-        offload_encoders(components, device, offload)
+        components = {"dits": dits}
+        # The encoders run on rank 0 only (one umT5-XXL per job); the VAE decodes on every rank with vae_parallel.
+        if layout is None or layout.main:
+            components.update(tokenizer=load_tokenizer(locate("tokenizer"), text_len=main.architecture.text_len),
+                              t5=load("t5"), vae=load("vae"))
+            if main.architecture.image_branch:
+                components["clip"] = load("clip")
+            offload_encoders(components, device, offload)
+        elif settings.parallel.vae_parallel:
+            components["vae"] = load("vae")
+            offload_encoders(components, device, offload)
         return cls(settings=settings, components=components, device=device, dtype=dtype,
-                   load_seconds=time.perf_counter() - start)
+                   load_seconds=time.perf_counter() - start, layout=layout)
 
     # --- LoRAs ------------------------------------------------------------------------------------------------
 
@@ -228,34 +253,61 @@ class Pipeline:
             raise ConfigError("no prompt: say what the video shows (--prompt \"...\", generate(\"...\") or the "
                               "config key prompt)")
         sampling, output = s.sampling, s.output
-        seed = sampling.seed if sampling.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
         timings = {"load": self.load_seconds} if self.load_seconds else {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         refs = s.get("src_ref_images") if src_ref_images is None else src_ref_images
         if isinstance(refs, str):  # LightX2V's flag: comma-separated paths
             refs = [path for path in refs.split(",") if path]
+        images = (s.get("image_path") if image is None else image,
+                  s.get("last_frame_path") if last_image is None else last_image)
+        vace_sources = (s.get("src_video") if src_video is None else src_video,
+                        s.get("src_mask") if src_mask is None else src_mask, refs or [])
         with torch.inference_mode():
-            with timed(timings, "text encode", self.device):
-                prompts = [prompt] + ([sampling.negative_prompt] if sampling.cfg else [])
-                ids, mask = self.tokenizer(prompts)
-                contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
-            images = (s.get("image_path") if image is None else image,
-                      s.get("last_frame_path") if last_image is None else last_image)
-            vace_sources = (s.get("src_video") if src_video is None else src_video,
-                            s.get("src_mask") if src_mask is None else src_mask, refs or [])
-            inputs = self.prepare_inputs(output, *images, vace_sources, timings)
+            # Rank 0 encodes the prompts and inputs and draws the noise; every rank then starts from the same.
+            inputs = self.encode_inputs(prompt, sampling, output, images, vace_sources, timings) if self.main else None
+            if self.layout is not None:
+                with timed(timings, "share inputs", self.device):
+                    inputs = self.layout.share(inputs)
+            contexts = [inputs.pop(key) for key in ("cond", "uncond") if key in inputs]
+            seed, noise = inputs.pop("seed"), inputs.pop("noise")
             with timed(timings, "denoise", self.device), self.offload.denoising():
-                latents = self.denoise(sampling, inputs, contexts, seed, progress)
+                latents = self.denoise(sampling, inputs, contexts, noise, progress)
             with timed(timings, "decode", self.device):
                 # VACE reference images are extra latent frames in front; they are not part of the video.
-                video = self.vae.decode(latents[:, :, inputs.get("ref_frames", 0):].float(), tiled=output.tiled_vae)[0]
+                video = self.decode(latents[:, :, inputs.get("ref_frames", 0):].float(), output.tiled_vae)
         result = GenerationResult(to_uint8_frames(video), output.fps, video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
-        if output.save_path:
+        if output.save_path and self.main:
             with timed(timings, "save", self.device):
                 result.path = write_mp4(result.frames, output.save_path, result.fps)
         return result
+
+    def encode_inputs(self, prompt: str, sampling: SamplingSettings, output: OutputSettings, images, vace_sources,
+                      timings: dict) -> dict:
+        """What the denoising loop starts from: the umT5 states of the prompt (``cond``) and of the negative prompt
+        (``uncond``, with CFG), the DiT's conditioning (``prepare_inputs``), the seed and the initial ``noise``."""
+        with timed(timings, "text encode", self.device):
+            prompts = [prompt] + ([sampling.negative_prompt] if sampling.cfg else [])
+            ids, mask = self.tokenizer(prompts)
+            contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
+        inputs = self.prepare_inputs(output, *images, vace_sources, timings)
+        seed = sampling.seed if sampling.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
+        noise_device = self.device if sampling.noise_device == "device" else torch.device(sampling.noise_device)
+        generator = torch.Generator(noise_device).manual_seed(seed)
+        noise = torch.randn(inputs["shape"], generator=generator, device=noise_device).to(self.device)
+        return {**dict(zip(("cond", "uncond"), contexts)), **inputs, "seed": seed, "noise": noise}
+
+    def decode(self, latents: torch.Tensor, tiled: bool) -> torch.Tensor:
+        """The video ``[3, F, H, W]`` of ``latents``, on every rank: decoded here, on rank 0 and shared, or (with
+        ``vae_parallel``) as tiles spread over the ranks and summed."""
+        layout = self.layout
+        if layout is None:
+            return self.vae.decode(latents, tiled=tiled)[0]
+        if layout.config.vae_parallel:
+            part = (layout.rank, layout.config.world_size)
+            return layout.sum(self.vae.decode(latents, tiled=True, part=part))[0]
+        return layout.share({"video": self.vae.decode(latents, tiled=tiled)[0]} if layout.main else None)["video"]
 
     def encode(self, video: torch.Tensor, tiled: bool) -> torch.Tensor:
         """VAE latents of ``video`` [B, 3, F, H, W] (``tiled``: the request's ``use_tiling_vae``)."""
@@ -334,16 +386,16 @@ class Pipeline:
         ``offload_granularity`` says)."""
         if self.offload.enabled:
             return self.offload.activate(name)
+        if self.settings.parallel.fsdp and self.layout is not None:
+            return self.dits[name]  # every expert's shards stay on the GPU
         for other, model in self.dits.items():
             if other != name and self.device.type != "cpu":
                 model.to("cpu")
         return self.dits[name].to(self.device)
 
-    def denoise(self, s: SamplingSettings, inputs: dict, contexts: list[torch.Tensor], seed: int,
+    def denoise(self, s: SamplingSettings, inputs: dict, contexts: list[torch.Tensor], x: torch.Tensor,
                 progress: bool) -> torch.Tensor:
-        noise_device = self.device if s.noise_device == "device" else torch.device(s.noise_device)
-        generator = torch.Generator(noise_device).manual_seed(seed)
-        x = torch.randn(inputs["shape"], generator=generator, device=noise_device).to(self.device)
+        """Latents from ``x``, the initial noise."""
         steps = list(s.denoising_steps) if s.denoising_steps else None
         scheduler = make_scheduler(s.solver, None if steps else s.steps, s.shift, denoising_step_list=steps)
         scales = s.guide_scales
@@ -354,7 +406,7 @@ class Pipeline:
             x = (1 - keep) * first_latent + keep * x
         extra = {k: inputs[k] for k in ("y", "clip_fea", "vace_context") if k in inputs}
         steps = list(enumerate(scheduler.timesteps))
-        if progress:
+        if progress and self.main:
             from tqdm import tqdm
 
             steps = tqdm(steps, desc="denoise", unit="step")
@@ -368,12 +420,20 @@ class Pipeline:
             timestep = t.reshape(1).to(self.device)
             if first_latent is not None:
                 timestep = cond.per_token_timesteps(timestep, keep[0, 0])
-            velocity = dit(x, timestep, contexts[:1], **extra)
-            if len(contexts) == 2:  # classifier-free guidance
-                uncond = dit(x, timestep, contexts[1:], **extra)
-                scale = scales["high" if name == HIGH else "low"]
-                velocity = uncond + scale * (velocity - uncond)
+            velocity = self.velocity(dit, x, timestep, contexts, extra, scales["high" if name == HIGH else "low"])
             x = scheduler.step(velocity, i, x)
             if first_latent is not None:
                 x = (1 - keep) * first_latent + keep * x
         return x
+
+    def velocity(self, dit, x, timestep, contexts: list[torch.Tensor], extra: dict, scale: float) -> torch.Tensor:
+        """The DiT's velocity, guided when there are two contexts (classifier-free guidance): both passes here, or
+        (``cfg_p_size`` 2) this rank's and the other CFG rank's."""
+        if len(contexts) == 1:
+            return dit(x, timestep, contexts, **extra)
+        if self.layout is not None and self.layout.config.cfg_size == 2:
+            mine = self.layout.cfg_rank
+            cond, uncond = self.layout.cfg_pair(dit(x, timestep, contexts[mine:mine + 1], **extra))
+        else:
+            cond, uncond = (dit(x, timestep, [context], **extra) for context in contexts)
+        return uncond + scale * (cond - uncond)
