@@ -33,3 +33,16 @@ def pytest_configure(config):
     imported. A TRITON_INTERPRET given in the environment stays."""
     if INTERPRET_DEFAULTED and selects_gpu_tests(config) and torch.cuda.is_available():
         os.environ.pop("TRITON_INTERPRET", None)
+
+
+FUZZ_LINES: list[str] = []  # "fuzz: N cases, seed S" of each fuzz test, shown at the end of every run
+
+
+def fuzz_report(line: str) -> None:
+    """Record a fuzz test's case count and seed for the run's summary (shown without -s, in CI logs too)."""
+    FUZZ_LINES.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in FUZZ_LINES:
+        terminalreporter.write_line(line)

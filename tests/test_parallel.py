@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,13 +156,8 @@ def test_torchrun_command_line_writes_one_video(models, tmp_path):
 def test_a_failing_rank_ends_the_job_with_its_error(models, tmp_path):
     """Rank 0 alone loads umT5; when its file is broken, rank 0 says so and the job ends instead of rank 1
     waiting for the prompt's states."""
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for item in models["t2v"].iterdir():
-        (broken / item.name).symlink_to(item)
-    t5 = broken / "models_t5_umt5-xxl-enc-bf16.pth"
-    t5.unlink()
-    t5.write_bytes(b"not a checkpoint")
+    broken = shutil.copytree(models["t2v"], tmp_path / "broken")
+    (broken / "models_t5_umt5-xxl-enc-bf16.pth").write_bytes(b"not a checkpoint")
     config = tmp_path / "parallel.json"
     config.write_text(json.dumps({**SMALL, "parallel": RING}))
     start = time.monotonic()

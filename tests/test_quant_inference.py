@@ -389,9 +389,9 @@ def test_pipeline_with_quantized_dit_and_text_encoder(tmp_path):
 
     model_dir = write_tiny_model(tmp_path / "i2v", "i2v")
     small = dict(target_height=64, target_width=64, target_video_length=5, infer_steps=2)
-    image = torch.linspace(-1, 1, 3 * 48 * 80).reshape(3, 48, 80)
+    picture = torch.linspace(-1, 1, 3 * 48 * 80).reshape(3, 48, 80)
     float_video = Pipeline.from_pretrained(model_dir, device="cpu", **small).generate(
-        "a cat", image=image, seed=1, progress=False).frames
+        "a cat", image=picture, seed=1, progress=False).frames
     pipe = Pipeline.from_pretrained(model_dir, device="cpu", dit_quantized=True, dit_quant_scheme="fp8-vllm",
                                     t5_quantized=True, t5_quant_scheme="int8-vllm", clip_quantized=True,
                                     clip_quant_scheme="int8-vllm", **small)
@@ -399,7 +399,7 @@ def test_pipeline_with_quantized_dit_and_text_encoder(tmp_path):
     assert isinstance(dit.blocks[0].ffn[0], QuantLinear) and dit.blocks[0].ffn[0].kind == "fp8"
     assert isinstance(pipe.text_encoder.blocks[0].attn.q, QuantLinear)
     assert isinstance(pipe.clip.transformer[0].mlp[0], QuantLinear)
-    video = pipe.generate("a cat", image=image, seed=1, progress=False).frames
+    video = pipe.generate("a cat", image=picture, seed=1, progress=False).frames
     difference = abs(video.astype(float) - float_video.astype(float)).mean()
     assert 0 < difference < 3  # mean uint8 levels, measured 0.29
 

@@ -96,7 +96,9 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
     links.add_argument("--copy-components", action="store_true",
                        help="copy T5, CLIP, VAE and tokenizer so the output is a complete model folder")
     links.add_argument("--link-components", action="store_true", help="the same with symbolic links")
-    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs x2v wrote before (a file by a file, a "
+                                                            "component folder by a folder); never a folder by a file, "
+                                                            "or the reverse")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

@@ -17,6 +17,9 @@ import torch
 from x2v.convert.layouts import encoder_file
 from x2v.convert.options import DTYPES, ConversionError, ConversionResult, ConvertOptions
 from x2v.convert.plan import QUANTIZE, Producer, encoding_target, plan_items
+from x2v.convert.safety import (
+    FILE, check_destinations, make_folder, output_lock, remove_stale_temps, remove_temps, reporting,
+)
 from x2v.formats import clip_keys, t5_keys
 from x2v.formats.quant import detect_encoding
 from x2v.formats.readers import read_checkpoint
@@ -49,16 +52,15 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
-    temp = temp_path(path)
     try:
-        with open(temp, "wb") as f:
+        with reporting(path), open(temp_path(path), "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    publish([path])
+        with reporting(path, "put in place"):
+            publish([path])
+    finally:
+        remove_temps([path])  # after an error: no half-written file, not even under a temporary name
 
 
 def convert_encoder(source: Path, output: Path, options: ConvertOptions) -> ConversionResult:
@@ -81,17 +83,16 @@ def convert_encoder(source: Path, output: Path, options: ConvertOptions) -> Conv
     largest = max((spec for item in items for spec in item.outputs), key=lambda spec: spec.nbytes)
     precision = kind or DTYPE_NAMES.get(largest.dtype, "fp32")
     path = output if output.suffix in (".pth", ".pt") else output / encoder_file(component, precision)
-    if path.resolve() == file.resolve():
-        raise ConversionError(f"{path}: is the source file; write the output somewhere else.")
-    if path.exists() and not options.overwrite:
-        raise ConversionError(f"{path}: already exists. Choose another OUTPUT, or pass --overwrite to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    producer = Producer(tensors, encoding, target)
-    state = {}
-    for item in items:
-        for spec, tensor in zip(item.outputs, producer.produce(item)):
-            state[spec.name] = own_storage(tensor)
-    save_atomically(state, path)
+    with output_lock([path]):
+        check_destinations({path: FILE}, {file.resolve()}, options.overwrite)
+        make_folder(path.parent)
+        remove_stale_temps({path.parent}, {path})
+        producer = Producer(tensors, encoding, target)
+        state = {}
+        for item in items:
+            for spec, tensor in zip(item.outputs, producer.produce(item)):
+                state[spec.name] = own_storage(tensor)
+        save_atomically(state, path)
     quantized = sum(1 for item in items if item.action == QUANTIZE)
     description = (f"{component}: {file} -> {path}: {NAMES[component]}, "
                    + (f"{quantized} linear layers quantized to {kind} per output channel" if kind else precision))

@@ -1,5 +1,7 @@
 """Convert DiT checkpoints: plan every output file from the source's headers, write the files one tensor at a
-time under temporary names, then publish them all (data files, config.json, components, indexes last).
+time under temporary names, then publish them all (data files, config.json, components, indexes last), holding the
+output's lock throughout (``x2v.convert.safety``: concurrent runs, leftovers of killed runs, what --overwrite may
+replace, write errors).
 
 Memory: a source tensor is read from its memory map just before its output is written, and its pages leave the
 process right after (``release_pages``), while a helper thread reads the next tensor's pages. The peak is a few
@@ -24,14 +26,17 @@ from x2v.convert.layouts import (
 )
 from x2v.convert.options import ConversionError, ConversionResult, ConvertOptions, LoraSpec
 from x2v.convert.plan import QUANTIZE, Item, Producer, Target, encoding_target, plan_items
+from x2v.convert.safety import (
+    FILE, FOLDER, check_destinations, make_folder, make_room, output_lock, remove_stale_temps, remove_temps, reporting,
+)
 from x2v.errors import CheckpointError, X2VError
 from x2v.formats.dit_keys import variant_name
 from x2v.formats.quant import (
     ENCODINGS, FLOAT, PER_TENSOR, Encoding, schemes_for, without_scales,
 )
 from x2v.formats.metadata import EXPERT_METADATA_KEY, EXPERTS, to_metadata
-from x2v.formats.readers import home_block
-from x2v.formats.writers import SafetensorsWriter, is_temp, publish, temp_path, write_temp_text
+from x2v.formats.readers import home_block, index_shard_files
+from x2v.formats.writers import SafetensorsWriter, publish, temp_path, write_temp_text
 from x2v.loading.components import COMPONENTS
 from x2v.loading.load import Plan, plan
 from x2v.loading.resolve import checkpoint_metadata, resolve_component, resolve_dit
@@ -253,7 +258,7 @@ def plan_dit(job: DitJob, layout: Layout, options: ConvertOptions, together: boo
 def with_shards(path: Path) -> list[Path]:
     """A component path and, for a shard index, its shards."""
     if path.name.endswith(".index.json"):
-        return [path] + [path.parent / s for s in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
+        return [path, *index_shard_files(path)]  # checked: inside the index's folder
     return [path]
 
 
@@ -324,35 +329,43 @@ def write_file(file: OutputFile, producer: Producer, mappings: FileMappings, pro
         writer.finish()
 
 
-def remove_path(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def remove_stale_temps(folders: set[Path]) -> None:
-    """Temporary files of an interrupted conversion into the same folder."""
-    for folder in folders:
-        if folder.is_dir():
-            for path in folder.iterdir():
-                if is_temp(path):
-                    remove_path(path)
-
-
-def check_destinations(finals: list[Path], sources: set[Path], overwrite: bool) -> None:
-    mine = [p for p in finals if p.resolve() in sources]
-    if mine:
-        raise ConversionError(f"{mine[0]}: is a source file of this conversion; write the output somewhere else.")
-    existing = [p for p in finals if p.exists() or p.is_symlink()]
-    if existing and not overwrite:
-        raise ConversionError(f"{existing[0]}: already exists ({len(existing)} of the output paths exist). "
-                              "Choose another OUTPUT, or pass --overwrite to replace them.")
-
-
 def source_files(path: Path) -> set[Path]:
     files = sorted(path.glob("*.safetensors")) if path.is_dir() else with_shards(path)
     return {p.resolve() for p in files}
+
+
+def planned_kinds(finals: list[Path], placed: dict[Path, Path]) -> dict[Path, str]:
+    """What each output path will be: a file, or a folder (a tokenizer or diffusers component folder, or a link to
+    one, which --overwrite may replace by the other)."""
+    return {final: FOLDER if final in placed and placed[final].is_dir() else FILE for final in finals}
+
+
+def write_outputs(plans: list[DitPlan], texts: dict[Path, str], placed: dict[Path, Path], mode: str | None,
+                  progress: tqdm) -> None:
+    """Every output under its temporary name; an OSError becomes one line naming the output it was writing."""
+    mappings = FileMappings()  # after every source is mapped
+    for dit in plans:
+        for file in dit.files:
+            with reporting(file.path):
+                write_file(file, dit.producer, mappings, progress)
+    for path, text in texts.items():
+        with reporting(path):
+            write_temp_text(path, text)
+    for final, src in placed.items():
+        with reporting(final, "copied" if mode == "copy" else "linked"):
+            place_component(src, final, mode, progress)
+
+
+def publish_outputs(finals: list[Path]) -> None:
+    """Rename the finished temporary files into place, in order (the index last)."""
+    for final in finals:
+        with reporting(final, "put in place", PUBLISH_FAILED):
+            make_room(final)  # an old component folder (allowed by check_destinations)
+            publish([final])
+
+
+PUBLISH_FAILED = ("The outputs renamed into place before it are complete; the others were not published and their "
+                  "temporary files were removed: run the conversion again with --overwrite.")
 
 
 def convert_dit(source: Path, output: Path, options: ConvertOptions) -> ConversionResult:
@@ -373,34 +386,23 @@ def convert_dit(source: Path, output: Path, options: ConvertOptions) -> Conversi
     placed = {output / rel: src for src, rel in components}
     finals = data + [p for p in texts if p not in indexes] + list(placed) + indexes
     sources = set().union(*(source_files(job.checkpoint) for job in jobs), {src.resolve() for src, _ in components})
-    check_destinations(finals, sources, options.overwrite)
-    folders = {p.parent for p in finals}
-    for folder in folders:
-        folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(folders)
-
     total = sum(f.nbytes for plan in plans for f in plan.files)
     if options.components != "link":
         total += sum(tree_bytes(src) for src in placed.values())
-    mappings = FileMappings()  # after every source is mapped
-    try:
-        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="x2v convert",
-                  disable=not options.progress or None, leave=False) as progress:
-            for plan in plans:
-                for file in plan.files:
-                    write_file(file, plan.producer, mappings, progress)
-            for path, text in texts.items():
-                write_temp_text(path, text)
-            for final, src in placed.items():
-                place_component(src, final, options.components, progress)
-    except BaseException:
-        for final in finals:  # nothing half-written stays behind, not even under a temporary name
-            if temp_path(final).exists() or temp_path(final).is_symlink():
-                remove_path(temp_path(final))
-        raise
-    for final in finals:
-        if final.is_dir() and not final.is_symlink():
-            shutil.rmtree(final)  # --overwrite of a tokenizer folder: os.replace cannot replace a full folder
-    publish(finals)
+
+    # The output and each expert folder: a second run into any of them (--expert into one) is refused.
+    with output_lock([output, *(job.destination for job in jobs)]):
+        check_destinations(planned_kinds(finals, placed), sources, options.overwrite)
+        folders = {p.parent for p in finals}
+        for folder in sorted(folders):
+            make_folder(folder)
+        remove_stale_temps(folders, set(finals))
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc="x2v convert",
+                      disable=not options.progress or None, leave=False) as progress:
+                write_outputs(plans, texts, placed, options.components, progress)
+            publish_outputs(finals)
+        finally:
+            remove_temps(finals)  # after an error: nothing half-written stays, not even under a temporary name
     return ConversionResult(finals, total, time.perf_counter() - start, [plan.description for plan in plans],
                             [line for plan in plans for line in plan.lora_summaries])

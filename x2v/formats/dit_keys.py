@@ -224,18 +224,65 @@ def is_diffusers_config(raw: dict) -> bool:
     return "num_attention_heads" in raw or str(raw.get("_class_name", "")).endswith("Transformer3DModel")
 
 
-def config_json_fields(raw: dict) -> dict:
+# The range of each integer field a config.json may state: the releases lie well inside (text_len 512, 12 to 40
+# heads); a value outside is a broken or hostile file, which would crash or exhaust memory further on.
+CONFIG_RANGES = {"in_dim": (1, 4096), "out_dim": (1, 4096), "dim": (1, 65536), "ffn_dim": (1, 262144),
+                 "num_heads": (1, 1024), "num_layers": (1, 1000), "text_len": (1, 4096), "text_dim": (1, 65536),
+                 "freq_dim": (2, 65536), "vace_in_dim": (1, 4096), "image_dim": (1, 65536), "image_tokens": (1, 4096)}
+EPS_RANGE = (0.0, 0.1)  # exclusive: the norms divide by sqrt(mean + eps); 0 or less gives NaN, black videos
+
+
+def config_json_fields(raw: dict, source: str = "config.json") -> dict:
     """The ``WanDiTConfig`` fields a DiT ``config.json`` states (official or diffusers keys; null values and keys
     that are not architecture are left out). ``vace_layers`` is the one field shapes cannot give: where the VACE
-    hints go."""
+    hints go. Values of the wrong type or out of range are a ``CheckpointError`` naming ``source``."""
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source}: a config.json holds one JSON object ({{\"dim\": 5120, ...}}), got "
+                              f"{type(raw).__name__}; use the config.json that came with the weights, or remove it")
     diffusers = is_diffusers_config(raw)
     names = DIFFUSERS_CONFIG_KEYS if diffusers else OFFICIAL_CONFIG_KEYS
     fields = {field: raw[key] for key, field in names.items() if raw.get(key) is not None}
-    if diffusers:
-        if raw.get("num_attention_heads") is not None and raw.get("attention_head_dim") is not None:
-            fields["dim"] = raw["num_attention_heads"] * raw["attention_head_dim"]
-        if raw.get("patch_size") is not None:
-            fields["patch_size"] = tuple(raw["patch_size"])
+    if diffusers and raw.get("attention_head_dim") is not None:
+        fields["head_dim"] = raw["attention_head_dim"]
+    problems = config_problems(fields)
+    if diffusers and "head_dim" in fields:
+        head_dim = fields.pop("head_dim")
+        if not problems and "num_heads" in fields:
+            fields["dim"] = fields["num_heads"] * head_dim
+    if raw.get("patch_size") is not None:
+        patch = raw["patch_size"]
+        if not (isinstance(patch, list) and len(patch) == 3 and all(_is_int(p) and 1 <= p <= 16 for p in patch)):
+            problems.append(f"patch_size must be 3 integers from 1 to 16, got {patch!r}")
+        elif diffusers:
+            fields["patch_size"] = tuple(patch)
     if raw.get("vace_layers"):
-        fields["vace_layers"] = tuple(raw["vace_layers"])
+        layers = raw["vace_layers"]
+        if not (isinstance(layers, list) and all(_is_int(n) and 0 <= n < 1000 for n in layers)):
+            problems.append(f"vace_layers must be a list of block numbers, got {layers!r}")
+        else:
+            fields["vace_layers"] = tuple(layers)
+    if problems:
+        raise CheckpointError(f"{source}: {'; '.join(problems)}. Use the config.json that came with the weights, or "
+                              "remove it (x2v reads the architecture from the weights)")
     return fields
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def config_problems(fields: dict) -> list[str]:
+    """What is wrong with a config.json's architecture fields: types, ranges, heads that do not divide the width."""
+    problems = []
+    for field, value in fields.items():
+        low, high = CONFIG_RANGES.get(field, (1, 65536)) if field != "eps" else (None, None)
+        if field == "eps":
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not EPS_RANGE[0] < value < EPS_RANGE[1]:
+                problems.append(f"eps must be a number between {EPS_RANGE[0]} and {EPS_RANGE[1]} (the releases: "
+                                f"1e-6), got {value!r}")
+        elif not _is_int(value) or not low <= value <= high:
+            problems.append(f"{field} must be an integer from {low} to {high}, got {value!r}")
+    heads, dim = fields.get("num_heads"), fields.get("dim")
+    if not problems and heads is not None and dim is not None and dim % heads:
+        problems.append(f"num_heads {heads} does not divide dim {dim}")
+    return problems

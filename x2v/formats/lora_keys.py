@@ -205,7 +205,9 @@ def shape_problem(key: str, target: LoraTarget, shape: torch.Size) -> str | None
     if target.up is None:
         return None
     up, down = tuple(target.up.shape), tuple(target.down.shape)
-    rank = down[0]
+    rank = down[0] if down else 0
+    if rank < 1:
+        return f"{key}: lora_down {down} has rank 0 (an empty pair: the file is broken)"
     if len(up) < 2 or math.prod(up[1:]) != rank:
         return f"{key}: lora_up {up} and lora_down {down} have different ranks"
     if (up[0], math.prod(down[1:])) != (shape[0], math.prod(shape[1:])):

@@ -1,9 +1,10 @@
 """Streaming safetensors writer: the header is computed from shapes and dtypes first, then tensor bytes are written
 one tensor at a time, so a file of any size is written with one tensor in memory.
 
-Files are written under a temporary name beside the final one (``.x2v-tmp-<name>.part``: no reader's glob of
-``*.safetensors`` / ``*.json`` / ``*.pth`` matches it) and fsync'd; ``publish`` renames them when a whole
-conversion is complete, so an interrupted run never leaves a file that looks finished.
+Files are written under a temporary name beside the final one (``.x2v-tmp-<name>.<pid>@<host>.part``: no
+reader's glob of ``*.safetensors`` / ``*.json`` / ``*.pth`` matches it) and fsync'd; ``publish`` renames them when a
+whole conversion is complete, so an interrupted run never leaves a file that looks finished. The pid and host in the
+name keep two runs apart and tell a later run whether the writer of a leftover temporary file is still alive.
 
 Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length, a JSON header
 ``{name: {dtype, shape, data_offsets}, "__metadata__": {str: str}}`` padded with spaces to a multiple of 8 bytes,
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,12 +47,48 @@ class TensorSpec:
         return count * self.dtype.itemsize
 
 
+# <final name>[.<pid>@<host>]: names without the run part were written by x2v versions before run-unique names.
+TEMP_NAME = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<final>.+?)(?:\.(?P<pid>\d+)@(?P<host>[\w.-]+))?"
+                       rf"{re.escape(TEMP_SUFFIX)}")
+
+
+def host_name() -> str:
+    """This machine's name as it appears in temporary names and lock files (file-name safe)."""
+    return re.sub(r"[^\w.-]", "_", socket.gethostname())[:64] or "localhost"
+
+
+@dataclass(frozen=True)
+class TempName:
+    final: str  # the name the file gets when published
+    pid: int | None  # None: written by an older x2v, which did not record its run
+    host: str | None
+
+
 def temp_path(path: Path) -> Path:
-    return path.with_name(f"{TEMP_PREFIX}{path.name}{TEMP_SUFFIX}")
+    """This process's temporary name for ``path``: two runs writing the same output never share a file."""
+    return path.with_name(f"{TEMP_PREFIX}{path.name}.{os.getpid()}@{host_name()}{TEMP_SUFFIX}")
 
 
 def is_temp(path: Path) -> bool:
     return path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX)
+
+
+def parse_temp(path: Path) -> TempName | None:
+    match = TEMP_NAME.fullmatch(path.name)
+    if match is None:
+        return None
+    return TempName(match["final"], int(match["pid"]) if match["pid"] else None, match["host"])
+
+
+@contextmanager
+def naming(path: Path):
+    """OSErrors from writing (ENOSPC, EIO...) carry no file name; give them the output's, so one line says which."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(path)
+        raise
 
 
 def header_bytes(specs: list[TensorSpec], metadata: dict[str, str] | None = None) -> bytes:
@@ -98,8 +138,13 @@ class SafetensorsWriter:
         self._next = 0
         header = header_bytes(self.specs, metadata)
         self.size = len(header) + sum(s.nbytes for s in self.specs)
-        self._file = open(self.temp, "wb")
-        self._file.write(header)
+        with naming(self.path):
+            self._file = open(self.temp, "wb")
+            try:
+                self._file.write(header)
+            except BaseException:
+                self.abort()  # no context manager has been entered yet to remove it
+                raise
 
     def write(self, name: str, tensor: torch.Tensor) -> int:
         """Append the next tensor (must match the header's name, dtype and shape); returns its byte count."""
@@ -109,7 +154,8 @@ class SafetensorsWriter:
         if (name, tensor.dtype, tuple(tensor.shape)) != (spec.name, spec.dtype, spec.shape):
             raise ValueError(f"{self.path}: expected {spec.name} {spec.dtype} {list(spec.shape)} next, "
                              f"got {name} {tensor.dtype} {list(tensor.shape)}")
-        self._file.write(tensor_bytes(tensor))
+        with naming(self.path):
+            self._file.write(tensor_bytes(tensor))
         self._next += 1
         return spec.nbytes
 
@@ -117,13 +163,17 @@ class SafetensorsWriter:
         """Close the complete temporary file, its bytes on disk; returns its path."""
         if self._next != len(self.specs):
             raise ValueError(f"{self.path}: {len(self.specs) - self._next} tensor(s) were never written")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with naming(self.path):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         return self.temp
 
     def abort(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()  # a full disk can fail the close's flush too: the file goes all the same
+        except OSError:
+            pass
         self.temp.unlink(missing_ok=True)
 
     def __enter__(self) -> SafetensorsWriter:
@@ -139,7 +189,7 @@ class SafetensorsWriter:
 def write_temp_text(path: Path, text: str) -> Path:
     """A small text file (index, config.json) written and fsync'd under its temporary name."""
     temp = temp_path(path)
-    with open(temp, "w") as f:
+    with naming(path), open(temp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -69,7 +69,7 @@ def dit_architecture(tensors: dict[str, torch.Tensor], checkpoint: Path) -> WanD
     json_path = config_json_beside(checkpoint)
     if not json_path.is_file():
         return WanDiTConfig(**detected)
-    stated = dit_keys.config_json_fields(jsonc.load(json_path))
+    stated = dit_keys.config_json_fields(jsonc.load(json_path), str(json_path))
     clashes = [f"{f}: weights {detected[f]}, config.json {stated[f]}" for f in dit_keys.SHAPE_FIELDS
                if f in stated and f in detected and stated[f] != detected[f]]
     # Where the VACE hints go is not in the shapes, only how many there are.
@@ -82,8 +82,8 @@ def dit_architecture(tensors: dict[str, torch.Tensor], checkpoint: Path) -> WanD
             f"{checkpoint}: the weights are a {dit_keys.variant_name(WanDiTConfig(**detected))} DiT but {json_path} "
             f"describes a {dit_keys.variant_name(WanDiTConfig(**merged))} ({'; '.join(clashes)}). Use the "
             "config.json that came with these weights, or remove it (x2v reads the architecture from the weights).")
-    if not isinstance(merged["num_heads"], int) or merged["num_heads"] < 1 or merged["dim"] % merged["num_heads"]:
-        raise CheckpointError(f"{json_path}: num_heads {merged['num_heads']!r} does not divide dim {merged['dim']}.")
+    if merged["dim"] % merged["num_heads"]:  # a stated head count against the width the weights have
+        raise CheckpointError(f"{json_path}: num_heads {merged['num_heads']} does not divide dim {merged['dim']}.")
     return WanDiTConfig(**merged)
 
 

@@ -7,7 +7,6 @@ count, bytes on disk and the memory it will take at the chosen dtype, then every
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from x2v.formats import clip_keys, dit_keys, t5_keys, vae_keys
 from x2v.formats.dit_keys import supported_tasks, variant_name
 from x2v.formats.metadata import from_metadata
 from x2v.formats.quant import without_scales
-from x2v.formats.readers import read_checkpoint
+from x2v.formats.readers import index_shard_files, read_checkpoint
 from x2v.loading.components import COMPONENTS
 from x2v.loading.load import Plan, compute_dtype, plan
 from x2v.loading.quantized import quantized_linears
@@ -45,7 +44,7 @@ def checkpoint_files(path: Path) -> list[Path]:
     if path.is_dir():
         return sorted(path.glob("*.safetensors"))
     if path.name.endswith(".index.json"):
-        return [path.parent / s for s in sorted(set(json.loads(path.read_text())["weight_map"].values()))]
+        return index_shard_files(path)
     return [path]
 
 

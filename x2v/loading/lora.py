@@ -18,6 +18,7 @@ always logged at WARNING, the level the command line shows.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,7 @@ from x2v.formats.lora_keys import (
 )
 from x2v.formats.metadata import EXPERTS
 from x2v.formats.readers import read_checkpoint
+from x2v.loading.weights import check_finite, has_non_finite
 from x2v.models.wan_dit import WanDiTConfig
 from x2v.runtime.lora_branches import (
     ATTACHED, Term, add_delta, attach_terms, attached_loras, detach_loras, owner, set_lora_strength,
@@ -69,11 +71,33 @@ class LoraEntry:
             raise ValueError(f"lora_configs entry {entry['path']}: unknown keys {sorted(unknown)}; expected path, "
                              "strength, alpha, name")
         name, strength, alpha = entry.get("name"), entry.get("strength"), entry.get("alpha")
+        problems = number_problems(strength, alpha)
+        if problems:
+            raise ValueError(f"lora_configs entry {entry['path']}: {'; '.join(problems)}")
         if name is not None and name not in EXPERTS:
             raise ValueError(f"lora_configs entry {entry['path']}: name {name!r} is not a Wan2.2 expert; use "
                              f"{' or '.join(EXPERTS)}, or leave it out for a single-DiT model")
         return cls(str(entry["path"]), 1.0 if strength is None else float(strength),
                    None if alpha is None else float(alpha), name)
+
+
+MAX_STRENGTH, MAX_ALPHA = 100.0, 1e5  # far beyond any useful LoRA; larger values only overflow the weights
+
+
+def number_problems(strength, alpha) -> list[str]:
+    """What is wrong with a LoRA entry's ``strength`` and ``alpha`` (None: not given)."""
+    problems = []
+    if strength is not None and not (_is_number(strength) and abs(strength) <= MAX_STRENGTH):
+        problems.append(f"strength must be a number from -{MAX_STRENGTH:g} to {MAX_STRENGTH:g} (e.g. 1.0), got "
+                        f"{strength!r}")
+    if alpha is not None and not (_is_number(alpha) and 0 <= alpha <= MAX_ALPHA):
+        problems.append(f"alpha must be a number from 0 to {MAX_ALPHA:g} or null (null: the file's own alpha), got "
+                        f"{alpha!r}")
+    return problems
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -151,7 +175,9 @@ def _read(entry: LoraEntry) -> dict[str, torch.Tensor]:
     path = Path(entry.path)
     if not path.is_file():
         raise CheckpointError(f"{path}: LoRA file not found; check the path in lora_configs (or load_lora).")
-    return read_checkpoint(path)
+    tensors = read_checkpoint(path)
+    check_finite(tensors, str(path))  # a NaN in one pair blacks out every video
+    return tensors
 
 
 def _skip_unused(targets: dict[str, LoraTarget], shapes: dict, model: str, num_blocks: int,
@@ -265,6 +291,10 @@ def merge_deltas(model: nn.Module, deltas: LoraDeltas, skip: set[str] = frozense
         module, name = owner(model, key)
         # Passed on, not kept: each delta is freed before the next one is computed.
         replaced = add_delta(module, name, deltas.delta(key, getattr(module, name).device), key)
+        if any(has_non_finite(getattr(module, changed)) for changed in replaced):
+            loras = ", ".join(sorted({term.lora for term in deltas.terms(key)}))
+            raise CheckpointError(f"{loras}: merged into {key}, it gives NaN or infinite values (its values times "
+                                  "the strength overflow the weights' dtype); lower the strength or check the file")
         for original in replaced.values():
             release_pages(mappings.pages(original))  # the file's copy of this tensor is no longer needed
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from x2v.errors import CheckpointError
 from x2v.formats.metadata import EXPERT_METADATA_KEY, EXPERT_SHORT, EXPERTS, LOW_NOISE as LOW
 from x2v.formats.quant import scheme_kind
-from x2v.formats.readers import read_safetensors_header, safetensors_metadata
+from x2v.formats.readers import index_shard_files, read_safetensors_header, safetensors_metadata
 from x2v.loading.components import COMPONENTS, EXPERT_FILE_KEYS, Component, config_json_beside
 
 OFFICIAL_DIT_STEM = "diffusion_pytorch_model"
@@ -137,8 +137,8 @@ def checkpoint_metadata(path: Path) -> dict[str, str]:
         path = path / "non_block.safetensors"
     elif path.name.endswith(".index.json"):
         try:
-            path = path.parent / min(json.loads(path.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            path = min(index_shard_files(path))
+        except (OSError, CheckpointError, ValueError):
             return {}
     if path.suffix != ".safetensors" or not path.is_file():
         return {}

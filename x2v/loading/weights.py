@@ -6,6 +6,7 @@ and each parameter is replaced by the checkpoint tensor, cast once to its target
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,6 +19,10 @@ from x2v.ops.quant_math import QUANT_DTYPES
 from x2v.runtime.pages import FileMappings, read_pages, release_pages
 
 QUANT_STORAGE = tuple(QUANT_DTYPES.values())  # storage of quantized layers: never cast
+ALLOW_NON_FINITE = "X2V_ALLOW_NON_FINITE_WEIGHTS"  # set to 1: load weights holding NaN / infinity anyway
+# fp8 bit patterns (sign bit masked off) that are not finite numbers: e4m3fn has NaN only (S.1111.111), e5m2 infinity
+# and NaN (S.11111.xx).
+FP8_NOT_FINITE = {torch.float8_e4m3fn: (0x7F, 0x7F), torch.float8_e5m2: (0x7C, 0x7C)}  # dtype -> (mask, pattern)
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -75,6 +80,30 @@ def to_targets(sources: dict[str, tuple[torch.Tensor, torch.dtype]], device: tor
     return ready
 
 
+def has_non_finite(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` holds a NaN or an infinity: one reduction, on the device where it lives (a meta tensor
+    holds no values)."""
+    if tensor.is_meta:
+        return False
+    if tensor.dtype in FP8_NOT_FINITE:
+        mask, pattern = FP8_NOT_FINITE[tensor.dtype]
+        return bool(((tensor.view(torch.uint8) & mask) == pattern).any())
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights holding NaN or infinity: every frame would come out black or wrong, with no error."""
+    if os.environ.get(ALLOW_NON_FINITE) == "1":
+        return
+    broken = [name for name, tensor in tensors.items() if has_non_finite(tensor)]
+    if broken:
+        raise CheckpointError(
+            f"{source}: {len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:5])}"
+            f"{', ...' if len(broken) > 5 else ''}); every video "
+            f"would come out black or wrong. The file is corrupt (download it again) or was saved from a diverged "
+            f"training run. To load it anyway: {ALLOW_NON_FINITE}=1")
+
+
 def weight_problems(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> list[str]:
     """Missing and unexpected tensors (summarized by pattern) and shape mismatches, as readable lines."""
     missing = [k for k in expected if k not in tensors]
@@ -122,6 +151,8 @@ def assign_weights(
         name: (tensors[name], target_dtype(name, tensors[name].dtype, dtype, keep_fp32, expected[name].dtype))
         for name in expected
     }
-    model.load_state_dict(to_targets(sources, torch.device(device)), strict=True, assign=True)
+    targets = to_targets(sources, torch.device(device))
+    check_finite(targets, source)  # after the cast: a value the compute dtype cannot hold is caught too
+    model.load_state_dict(targets, strict=True, assign=True)
     model.requires_grad_(False)
     return model.eval()

@@ -10,6 +10,7 @@ import difflib
 import json
 import math
 import numbers
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -17,6 +18,7 @@ from typing import Any
 
 from x2v.errors import ConfigError, UnsupportedModelError
 from x2v.formats.metadata import EXPERTS
+from x2v.loading.lora import number_problems as lora_number_problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,11 +426,7 @@ def lora_config_problems(value: Any, moe: bool) -> list[str]:
             continue
         if not isinstance(entry.get("path"), str) or not entry["path"]:
             problems.append(f"{where} needs a 'path' (the LoRA .safetensors file)")
-        if "strength" in entry and not _is_number(entry["strength"]):
-            problems.append(f"{where}.strength must be a number (e.g. 1.0), got {entry['strength']!r}")
-        if entry.get("alpha") is not None and not _is_number(entry["alpha"]):
-            problems.append(f"{where}.alpha must be a number or null (null: the file's own alpha), got "
-                            f"{entry['alpha']!r}")
+        problems += [f"{where}.{problem}" for problem in lora_number_problems(entry.get("strength"), entry.get("alpha"))]
         if entry.get("name") is not None and entry["name"] not in EXPERTS:
             problems.append(f"{where}.name {entry['name']!r} is not a Wan2.2 expert; use {' or '.join(EXPERTS)}, or "
                             "leave it out for a single-DiT model")
@@ -492,6 +490,9 @@ def validate(settings: dict[str, Any], origins: dict[str, str] | None = None) ->
         bad("seed", f"seed must be an integer (negative: random), got {settings['seed']!r}")
     if "negative_prompt" in settings and not isinstance(settings["negative_prompt"], str):
         bad("negative_prompt", f"negative_prompt must be a string, got {settings['negative_prompt']!r}")
+    path = settings.get("save_result_path")
+    if path is not None and not (isinstance(path, (str, os.PathLike)) and str(path)):
+        bad("save_result_path", f"save_result_path must be the .mp4 file to write, got {path!r}")
 
     solver = settings.get("sample_solver", "unipc")
     if solver not in SOLVERS:

@@ -500,7 +500,8 @@ def _derive(values: dict[str, Any], origins: dict[str, str], levels: dict[str, i
         values["negative_prompt"] = default_negative_prompt(values["model_cls"], values["task"])
         origins["negative_prompt"], levels["negative_prompt"] = "default", DEFAULT
     scheduler_type = values.get("scheduler_type")
-    if scheduler_type in SCHEDULER_TYPES and level("scheduler_type") > level("sample_solver"):
+    if isinstance(scheduler_type, str) and scheduler_type in SCHEDULER_TYPES and level("scheduler_type") > level(
+            "sample_solver"):
         values["sample_solver"] = SCHEDULER_TYPES[scheduler_type]
         origins["sample_solver"] = "derived from scheduler_type"
     steps = values.get("denoising_step_list")
@@ -536,7 +537,7 @@ def _complete(user: Settings, model_cls: str, task: str, model_layers: tuple[Lay
             warnings.append(f"{layer.label}: 'boundary_step_index' only applies to wan2.2_moe_distill; ignored for "
                             f"{model_cls}")
     scheduler_type = values.get("scheduler_type")
-    if scheduler_type is not None and scheduler_type not in SCHEDULER_TYPES:
+    if scheduler_type is not None and not (isinstance(scheduler_type, str) and scheduler_type in SCHEDULER_TYPES):
         warnings.append(f"scheduler_type {json.dumps(scheduler_type)} ({origins['scheduler_type']}) is not one x2v "
                         f"knows ({', '.join(SCHEDULER_TYPES)}); ignored, sample_solver is "
                         f"'{values['sample_solver']}'")

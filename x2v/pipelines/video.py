@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from x2v.errors import ConfigError, X2VError
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -16,11 +19,55 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     return scaled.permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()
 
 
+# H.264 at crf 17 stores a generated video in well under a tenth of its raw bytes; asking for that much free space
+# before the compute catches a full disk without refusing a tight one.
+MP4_FRACTION = 10
+
+
+def check_output_path(path: str | Path, frames: int, height: int, width: int) -> Path:
+    """Refuse, before any compute, an mp4 path that cannot be written: an existing folder, a parent that is a file
+    or not writable, a disk without room for the video."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"save_result_path {path} is a folder; name an .mp4 file, e.g. {path / 'output.mp4'}")
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"save_result_path {path}: {existing} is a file, not a folder; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"save_result_path {path}: cannot write in {existing} (permission denied); choose another "
+                          "folder")
+    needed, free = frames * height * width * 3 // MP4_FRACTION, shutil.disk_usage(existing).free
+    if free < needed:
+        raise ConfigError(f"save_result_path {path}: {existing} has {free / 2**20:.1f} MiB free, the video needs "
+                          f"about {needed / 2**20:.1f} MiB; free some space or choose another folder")
+    return path
+
+
 def write_mp4(frames: np.ndarray, path: str | Path, fps: int) -> Path:
-    """H.264 (yuv420p) mp4 at ``fps``; written to a temp file in the same folder and renamed when complete."""
+    """H.264 (yuv420p) mp4 at ``fps``; written to a temp file in the same folder and renamed when complete. If it
+    cannot be written (a full disk...), the frames are kept in a ``.npy`` file and the error names it."""
+    path = Path(path)
+    try:
+        return _write_mp4(frames, path, fps)
+    except OSError as e:
+        raise X2VError(f"{path}: the video could not be written ({e.strerror or e}); {keep_frames(frames, path)}"
+                       ) from None
+
+
+def keep_frames(frames: np.ndarray, path: Path) -> str:
+    """Save the frames of a video that could not be written, next to it or else in the temp folder; says where."""
+    for kept in (path.with_name(f"{path.stem}.frames.npy"), Path(tempfile.gettempdir()) / f"{path.stem}.frames.npy"):
+        try:
+            np.save(kept, frames)
+            return f"its frames are kept in {kept} (uint8 [frames, height, width, 3], numpy.load)"
+        except OSError:
+            kept.unlink(missing_ok=True)
+    return "its frames could not be kept either"
+
+
+def _write_mp4(frames: np.ndarray, path: Path, fps: int) -> Path:
     import av
 
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".mp4", dir=path.parent)
     os.close(fd)

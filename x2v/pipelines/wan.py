@@ -8,6 +8,7 @@ conditioning, the denoising loop (CFG, Wan2.2 experts, TI2V first-frame latent) 
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import time
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from x2v.errors import ConfigError
+from x2v.errors import CheckpointError, ConfigError, X2VError
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
 from x2v.formats.metadata import HIGH_NOISE as HIGH, LOW_NOISE as LOW
@@ -33,7 +34,8 @@ from x2v.ops.quant_linear import settle_quant_modes
 from x2v.pipelines import conditioning as cond
 from x2v.pipelines.schedulers import make_scheduler
 from x2v.pipelines.settings import OutputSettings, SamplingSettings, Settings, resolve_settings
-from x2v.pipelines.video import load_image, load_mask, load_video, to_uint8_frames, write_mp4
+from x2v.pipelines.config import model_class
+from x2v.pipelines.video import check_output_path, load_image, load_mask, load_video, to_uint8_frames, write_mp4
 from x2v.runtime import parallel
 from x2v.runtime.offload import DiTOffload, offload_encoders
 
@@ -102,6 +104,18 @@ def default_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+# What makes a DiT's output NaN or constant (black videos).
+NON_FINITE_CAUSES = ("weights or a LoRA with extreme values (x2v inspect the model), a LoRA strength far above 1, "
+                     "float16 overflow (use bf16), or a sampler setting far outside the model's range")
+
+
+def memory_of(device: torch.device) -> int:
+    """The device's memory in bytes (the host's RAM for the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -154,6 +168,9 @@ class Pipeline:
         main = next(iter(plans.values()))
         config_file = model_config_file(model_path, found)
         model_config = jsonc.load(config_file) if config_file else {}
+        if not isinstance(model_config, dict):
+            raise CheckpointError(f"{config_file}: a model's config.json holds one JSON object, got "
+                                  f"{type(model_config).__name__}; use the one that came with the weights, or remove it")
         distilled = bool(settings.get("denoising_step_list") or model_config.get("denoising_step_list"))
         model_cls = settings.model_cls or model_class_of([p.architecture for p in plans.values()], distilled)
         task = settings.task or default_task(main.architecture)
@@ -253,6 +270,9 @@ class Pipeline:
             raise ConfigError("no prompt: say what the video shows (--prompt \"...\", generate(\"...\") or the "
                               "config key prompt)")
         sampling, output = s.sampling, s.output
+        self.check_fits(output)
+        if output.save_path and self.main:  # before the compute, not after it
+            check_output_path(output.save_path, output.frames, output.height, output.width)
         timings = {"load": self.load_seconds} if self.load_seconds else {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -273,15 +293,36 @@ class Pipeline:
             seed, noise = inputs.pop("seed"), inputs.pop("noise")
             with timed(timings, "denoise", self.device), self.offload.denoising():
                 latents = self.denoise(sampling, inputs, contexts, noise, progress)
+            if not torch.isfinite(latents).all():
+                raise X2VError(f"the denoised latents hold NaN or infinite values, so the video would be black; "
+                               f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
             with timed(timings, "decode", self.device):
                 # VACE reference images are extra latent frames in front; they are not part of the video.
                 video = self.decode(latents[:, :, inputs.get("ref_frames", 0):].float(), output.tiled_vae)
+            if video.amin() == video.amax():
+                raise X2VError(f"every pixel of the video came out {float(video.amin()):+.3f} (a constant video); "
+                               f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
         result = GenerationResult(to_uint8_frames(video), output.fps, video.cpu(), seed, timings=timings,
                                   peak_memory_bytes=peak_memory(self.device))
         if output.save_path and self.main:
             with timed(timings, "save", self.device):
                 result.path = write_mp4(result.frames, output.save_path, result.fps)
         return result
+
+    def check_fits(self, output: OutputSettings) -> None:
+        """Refuse a size whose activations alone exceed the device's memory, before allocating any of it."""
+        dit = next(iter(self.dits.values())).config
+        multiple = model_class(self.model_cls).size_multiple
+        tokens = ((output.frames - 1) // 4 + 1) * (output.height // multiple) * (output.width // multiple)
+        if self.layout is not None:
+            tokens = -(-tokens // self.layout.config.seq_size)
+        needed = tokens * (3 * dit.dim * 4 + dit.ffn_dim * 2) + 3 * output.frames * output.height * output.width * 4
+        total = memory_of(self.device)
+        if needed > total:
+            raise ConfigError(f"{output.width}x{output.height}, {output.frames} frames needs at least "
+                              f"{needed / 2**30:.1f} GiB for the activations alone; the {self.device.type} has "
+                              f"{total / 2**30:.1f} GiB. Lower target_height / target_width / target_video_length "
+                              "(or split the tokens over more GPUs: README, Many GPUs)")
 
     def encode_inputs(self, prompt: str, sampling: SamplingSettings, output: OutputSettings, images, vace_sources,
                       timings: dict) -> dict:
