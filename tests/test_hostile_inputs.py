@@ -329,3 +329,11 @@ def test_fuzz_lora_files_end_in_a_named_error_or_finite_weights(pristine, tmp_pa
             if not dynamic:
                 assert not any(not_finite(t) for t in model.state_dict().values()), path
     fuzz_report(f"fuzz: {cases} cases, seed {seed} (LoRA files)")
+
+
+def test_inspect_values_names_non_finite_tensors(model, capsys):
+    name = poison_safetensors(model / SHARD, float("nan"))
+    assert x2v_main(["inspect", str(model)]) == 0  # headers only: the values are not read
+    capsys.readouterr()
+    assert x2v_main(["inspect", str(model), "--values"]) == 1
+    assert f"1 tensor(s) hold NaN or infinite values ({name}): loading refuses them" in capsys.readouterr().out

@@ -45,7 +45,7 @@ def inspect(args: argparse.Namespace) -> int:
         print(f"x2v: {warning}", file=sys.stderr)
     sources = settings.sources
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    reports = inspect_model(args.path, sources, dtype)
+    reports = inspect_model(args.path, sources, dtype, values=args.values)
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2, default=str))
     else:
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, help="LightX2V-style JSON config (its checkpoint keys are honoured)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="dtype for the memory estimate")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--values", action="store_true", help="also read every tensor and report NaN / infinite values "
+                                                         "(one pass over the files)")
     p.set_defaults(func=inspect)
     p = sub.add_parser("convert", help="rewrite a checkpoint: layout, dtype, int8/fp8 quantization, merged LoRAs")
     add_convert_arguments(p)
@@ -139,7 +141,7 @@ def run_command(func, args: argparse.Namespace) -> int:
         print(f"x2v: {who}error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a file that cannot be read or written: say which, no traceback
-        print(f"x2v: {who}error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        print(f"x2v: {who}error: {f'{e.filename}: ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:
         if not who:

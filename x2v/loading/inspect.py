@@ -23,7 +23,7 @@ from x2v.loading.components import COMPONENTS
 from x2v.loading.load import Plan, compute_dtype, plan
 from x2v.loading.quantized import quantized_linears
 from x2v.loading.resolve import Found, Sources, checkpoint_metadata, resolve_component, resolve_dit
-from x2v.loading.weights import target_dtype, weight_problems
+from x2v.loading.weights import non_finite, target_dtype, weight_problems
 from x2v.ops.quant_linear import replace_linears
 
 
@@ -117,15 +117,19 @@ def architecture_facts(report: ComponentReport, planned: Plan) -> None:
         report.facts["architecture"] = config.__dict__
 
 
-def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Sources) -> None:
+def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Sources, values: bool = False) -> None:
     """What ``load_component`` would build from the report's file, without reading a weight: architecture,
-    quantization, every tensor that does not fit, and the memory it takes as loaded (8-bit layers as such)."""
+    quantization, every tensor that does not fit, and the memory it takes as loaded (8-bit layers as such).
+    ``values``: also read every tensor and report those holding NaN or infinity (one pass over the file)."""
     component = COMPONENTS[report.component]
     file_facts(report)
     planned = plan(component, report.found.path, sources.quant(component.name))
     if component.quantizable:
         report.facts["quantization"] = describe_quantization(planned, component.name)
     architecture_facts(report, planned)
+    found = non_finite(planned.tensors) if values else None
+    if found:
+        report.problems.append(f"{found}: loading refuses them (the file is corrupt or from a diverged training run)")
     model = planned.build()
     report.problems += weight_problems(model.state_dict(), without_scales(planned.tensors, planned.encoding),
                                        component.describe(planned.architecture))
@@ -138,10 +142,11 @@ def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Source
     report.facts[f"memory_{str(at).removeprefix('torch.')}"] = memory_at(model, at, component.keep_fp32)
 
 
-def inspect_model(path: str | Path, sources: Sources = Sources(), dtype: torch.dtype = torch.bfloat16
-                  ) -> list[ComponentReport]:
+def inspect_model(path: str | Path, sources: Sources = Sources(), dtype: torch.dtype = torch.bfloat16,
+                  values: bool = False) -> list[ComponentReport]:
     """Reports for every DiT (one, or both Wan2.2 experts), then umT5, tokenizer, CLIP (when found or needed), VAE.
-    A path that does not exist is one report with one problem, not one per component."""
+    A path that does not exist is one report with one problem, not one per component. ``values``: see
+    ``inspect_weights``."""
     if not Path(path).expanduser().exists():
         return [ComponentReport("model", problems=[f"{path}: no such file or folder. Pass a model folder, a DiT "
                                                    "folder or a checkpoint file."])]
@@ -155,7 +160,7 @@ def inspect_model(path: str | Path, sources: Sources = Sources(), dtype: torch.d
         report = ComponentReport(name, found, component="dit")
         reports.append(report)
         try:
-            inspect_weights(report, dtype, sources)
+            inspect_weights(report, dtype, sources, values)
         except X2VError as e:
             report.problems.append(str(e))
     needs_clip = any(r.facts.get("architecture", {}).get("image_branch") for r in reports)
@@ -174,7 +179,7 @@ def inspect_model(path: str | Path, sources: Sources = Sources(), dtype: torch.d
             report.facts["files"] = sorted(p.name for p in report.found.path.iterdir())
             continue
         try:
-            inspect_weights(report, dtype, sources)
+            inspect_weights(report, dtype, sources, values)
         except X2VError as e:
             report.problems.append(str(e))
     if len(dits) == 2:

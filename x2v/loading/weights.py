@@ -91,17 +91,22 @@ def has_non_finite(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Which of ``tensors`` hold NaN or infinity, said in a few words (None: all finite)."""
+    broken = [name for name, tensor in tensors.items() if has_non_finite(tensor)]
+    if not broken:
+        return None
+    return (f"{len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:5])}"
+            f"{', ...' if len(broken) > 5 else ''})")
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse weights holding NaN or infinity: every frame would come out black or wrong, with no error."""
-    if os.environ.get(ALLOW_NON_FINITE) == "1":
-        return
-    broken = [name for name, tensor in tensors.items() if has_non_finite(tensor)]
-    if broken:
+    found = non_finite(tensors) if os.environ.get(ALLOW_NON_FINITE) != "1" else None
+    if found:
         raise CheckpointError(
-            f"{source}: {len(broken)} tensor(s) hold NaN or infinite values ({', '.join(broken[:5])}"
-            f"{', ...' if len(broken) > 5 else ''}); every video "
-            f"would come out black or wrong. The file is corrupt (download it again) or was saved from a diverged "
-            f"training run. To load it anyway: {ALLOW_NON_FINITE}=1")
+            f"{source}: {found}; every video would come out black or wrong. The file is corrupt (download it "
+            f"again) or was saved from a diverged training run. To load it anyway: {ALLOW_NON_FINITE}=1")
 
 
 def weight_problems(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: str) -> list[str]:
