@@ -7,6 +7,8 @@ float model's.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -17,6 +19,7 @@ from x2v.formats.quant import FLOAT, check_scheme, detect_encoding, quantized_in
 from x2v.loading.dit import load_dit
 from x2v.loading.quantized import dequantize
 from x2v.ops.quant_linear import QuantLinear, set_quant_mode
+from x2v.ops.quant_math import quantize_weight
 
 COMFY_PREFIX = "model.diffusion_model."
 # Forward error (relative L2 against the float model) measured on this tiny i2v model over 3 inputs, weight-only /
@@ -253,3 +256,74 @@ def test_unsupported_scheme_lists_supported_ones(scheme):
                        match=rf"f: dit_quant_scheme '{scheme}' .*recognized but not supported yet.*"
                              r"Supported: Default, fp8-vllm, int8-vllm.*dit_quant_scheme fp8-vllm"):
         check_scheme(fp8, scheme, True, "f")
+
+
+# --- fp8 without scales: plain casts (scale 1) vs scaled files that lost their scales ------------------------------
+
+
+def plain_fp8_model(tmp_path, scaled: bool = False, kind: str = "fp8"):
+    """The tiny t2v model with its block linear weights stored 8-bit and no scale tensor: cast straight to fp8 (as
+    ComfyUI's *_fp8_e4m3fn repacks), or quantized per channel with the scales then dropped (a broken file)."""
+    from safetensors.torch import load_file
+
+    from x2v.demo import write_tiny_model
+    from x2v.ops.quant_math import QUANT_DTYPES
+
+    model = write_tiny_model(tmp_path / "model", "t2v")
+    rounded, total = {}, 0
+    for shard in sorted(model.glob("diffusion_pytorch_model-*.safetensors")):
+        tensors = load_file(shard)
+        for key, tensor in tensors.items():
+            if quantized_in_releases(key):
+                if scaled or kind == "int8":
+                    tensors[key] = quantize_weight(tensor, kind)[0]
+                else:
+                    tensors[key] = tensor.to(QUANT_DTYPES[kind])
+                rounded[key] = tensors[key].float()
+        save_file(tensors, str(shard))
+        total += sum(t.nbytes for t in tensors.values())
+    index = model / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "metadata": {"total_size": total}}))
+    return model, rounded
+
+
+def test_plain_fp8_cast_loads_with_scale_one(tmp_path):
+    """ComfyUI's plain fp8 files (no scale_weight, no marker) load as fp8 layers with scale 1, giving the video of
+    the float model that holds the very same (rounded) values; inspect names the encoding."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from x2v.loading.inspect import inspect_model
+    from x2v.pipelines.wan import Pipeline
+
+    model, rounded = plain_fp8_model(tmp_path)
+    reference = shutil.copytree(model, tmp_path / "float")
+    total = 0
+    for shard in sorted(reference.glob("diffusion_pytorch_model-*.safetensors")):
+        tensors = {k: rounded.get(k, v) for k, v in load_file(shard).items()}
+        save_file(tensors, str(shard))
+        total += sum(t.nbytes for t in tensors.values())
+    index = reference / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), "metadata": {"total_size": total}}))
+    small = {"target_height": 32, "target_width": 32, "target_video_length": 5, "infer_steps": 2}
+    pipes = [Pipeline.from_pretrained(path, device="cpu", dtype=torch.float32, **small) for path in (model, reference)]
+    layer = next(iter(pipes[0].dits.values())).blocks[0].ffn[0]
+    assert isinstance(layer, QuantLinear) and layer.kind == "fp8"
+    assert torch.equal(layer.weight_scale, torch.ones_like(layer.weight_scale))
+    videos = [pipe.generate("a cat", seed=2, progress=False).video for pipe in pipes]
+    torch.testing.assert_close(videos[0], videos[1], rtol=0, atol=1e-5)
+    report = next(r for r in inspect_model(model) if r.component == "dit")
+    assert report.facts["quantization"].startswith("plain-fp8 (fp8 per-tensor") and not report.problems
+
+
+@pytest.mark.parametrize("scaled, kind, message", [
+    (True, "fp8", r"without a scale: .*reach the 8-bit range a scale maps"),
+    (False, "int8", r"without a scale: .*\(torch.int8\)"),
+])
+def test_8bit_weights_that_lost_their_scales_stay_refused(tmp_path, scaled, kind, message):
+    from x2v.pipelines.wan import Pipeline
+
+    model, _ = plain_fp8_model(tmp_path, scaled=scaled, kind=kind)
+    with pytest.raises(CheckpointError, match=message):
+        Pipeline.from_pretrained(model, device="cpu")

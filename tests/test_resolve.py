@@ -139,3 +139,31 @@ def test_block_split_folder_is_one_checkpoint(tmp_path):
 def test_explicit_path_that_does_not_exist(tmp_path):
     with pytest.raises(CheckpointError, match="set by config key vae_path"):
         resolve_component("vae", tmp_path, sources({"vae_path": str(tmp_path / "missing.pth")}))
+
+
+def test_lightx2v_converter_parts_with_an_index_are_one_checkpoint(tmp_path):
+    """LightX2V's converter writes <name>_part1.safetensors, _part2 ... and a diffusion_pytorch_model index naming
+    them: every file an index names belongs to it, whatever its name (not "3 DiT checkpoints found")."""
+    from safetensors.torch import load_file
+
+    from x2v.demo import write_tiny_model
+    from x2v.pipelines.wan import Pipeline
+
+    official = write_tiny_model(tmp_path / "official", "t2v")
+    parts = tmp_path / "lightx2v"
+    parts.mkdir()
+    weight_map = {}
+    for i, shard in enumerate(sorted(official.glob("diffusion_pytorch_model-*.safetensors")), start=1):
+        tensors = load_file(shard)
+        save_file(tensors, str(parts / f"wan2.1_t2v_part{i}.safetensors"))
+        weight_map.update(dict.fromkeys(tensors, f"wan2.1_t2v_part{i}.safetensors"))
+    index = parts / "diffusion_pytorch_model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert resolve_dit(parts)["dit"].path == index
+    for item in official.iterdir():  # the other components beside it: a complete model folder
+        if not item.name.startswith("diffusion_pytorch_model"):
+            (parts / item.name).symlink_to(item)
+    small = {"target_height": 32, "target_width": 32, "target_video_length": 5, "infer_steps": 2}
+    videos = [Pipeline.from_pretrained(path, device="cpu", **small).generate("a cat", seed=1, progress=False).frames
+              for path in (official, parts)]
+    assert (videos[0] == videos[1]).all()

@@ -113,7 +113,7 @@ class Producer:
 
     def __init__(self, tensors: dict[str, torch.Tensor], encoding: Encoding, target: Target, deltas=None):
         self.tensors, self.target, self.deltas = tensors, target, deltas
-        self.scales = {f"{layer}.weight": tensors[f"{layer}.{encoding.scale_name}"] for layer in encoding.layers}
+        self.scales = {f"{layer}.weight": encoding.scale_of(tensors, layer) for layer in encoding.layers}
 
     def sources(self, item: Item) -> list[torch.Tensor]:
         """The source tensors an item reads (its weight, and its scale when stored quantized)."""

@@ -12,6 +12,9 @@ Encodings (per quantized layer ``<layer>.weight``):
 * ``comfy-scaled-fp8`` / ``comfy-scaled-int8``: weight + 0-dim ``<layer>.scale_weight`` + optional 0-dim
   ``scale_input``, usually with the ``scaled_fp8`` marker tensor (ComfyUI, LightX2V ``*_comfyui.safetensors``;
   the int8 variant is written by LightX2V's converter in ComfyUI mode).
+* ``plain-fp8``: float8 weights without any scale, the bf16 values cast straight to fp8 (ComfyUI's
+  ``*_fp8_e4m3fn.safetensors`` repacks, LightX2V's ``--comfyui_mode --full_quantized``): scale 1, as ComfyUI loads
+  them. Told apart from a scaled file that lost its scales by the values: scaled weights reach the fp8 maximum.
 
 In every case ``W = q * scale``. Activation scales are static calibration for fp8 matmuls: irrelevant once the
 weights are dequantized, so they are dropped.
@@ -41,7 +44,11 @@ ENCODINGS = {
     ("weight_scale", "fp8", PER_TENSOR): "fp8-pertensor",
     ("scale_weight", "fp8", PER_TENSOR): "comfy-scaled-fp8",
     ("scale_weight", "int8", PER_TENSOR): "comfy-scaled-int8",
+    (None, "fp8", PER_TENSOR): "plain-fp8",
 }
+# A plain fp8 cast keeps the weights' own range (|w| of a few units); a scaled fp8 weight reaches the fp8 maximum
+# (448) in every row (per channel) or somewhere (per tensor). Weights sampled to tell them apart:
+PLAIN_FP8_MAX, PLAIN_FP8_SAMPLES = 224.0, 4
 
 # Layers the LightX2V converter quantizes in released Wan DiTs (2-D tensors whose third name component is
 # self_attn, cross_attn or ffn); everything else stays in high precision.
@@ -121,7 +128,7 @@ class Encoding:
     name: str  # "float" or a value of ENCODINGS
     weight_kind: str | None = None  # "int8" | "fp8"
     granularity: str | None = None  # PER_CHANNEL | PER_TENSOR
-    scale_name: str | None = None  # "weight_scale" | "scale_weight"
+    scale_name: str | None = None  # "weight_scale" | "scale_weight"; None: plain fp8, scale 1
     layers: tuple[str, ...] = ()
 
     @property
@@ -136,6 +143,12 @@ class Encoding:
     def scale_keys(self) -> frozenset[str]:
         """The tensors that describe the quantization, not the model: every layer's scales and the marker."""
         return frozenset({MARKER} | {f"{layer}.{n}" for layer in self.layers for n in SCALE_NAMES})
+
+    def scale_of(self, tensors: dict[str, torch.Tensor], layer: str) -> torch.Tensor:
+        """The stored weight scale of a quantized ``layer``; 1 for a plain fp8 cast, which stores none."""
+        if self.scale_name is None:
+            return torch.ones((), dtype=torch.float32)
+        return tensors[f"{layer}.{self.scale_name}"]
 
     @property
     def unusual_layers(self) -> tuple[str, ...]:
@@ -244,7 +257,7 @@ def detect_encoding(tensors: dict[str, torch.Tensor], source: str = "checkpoint"
         layer = key.removesuffix(".weight")
         scales = [n for n in WEIGHT_SCALES if f"{layer}.{n}" in tensors] if key.endswith(".weight") else []
         if not scales:
-            unscaled.append(f"{key} ({tensor.dtype})")
+            unscaled.append(key)
             continue
         if len(scales) > 1:
             doubly_scaled.append(layer)
@@ -253,11 +266,17 @@ def detect_encoding(tensors: dict[str, torch.Tensor], source: str = "checkpoint"
         granularity = _scale_granularity(scale_key, tensors[scale_key], tensor, source)
         layouts.setdefault((scales[0], WEIGHT_KINDS[tensor.dtype], granularity), []).append(layer)
     if unscaled:
+        if not layouts and plain_fp8_cast(tensors, unscaled):
+            return Encoding(ENCODINGS[None, "fp8", PER_TENSOR], "fp8", PER_TENSOR, None,
+                            tuple(key.removesuffix(".weight") for key in unscaled))
+        described = ", ".join(f"{key} ({tensors[key].dtype})" for key in unscaled[:3])
         raise CheckpointError(
-            f"{source}: {len(unscaled)} quantized tensor(s) without a scale: {', '.join(unscaled[:3])}"
-            f"{' ...' if len(unscaled) > 3 else ''}. Casting int8/fp8 values without their scales gives garbage, "
-            "so x2v refuses. Expected <layer>.weight_scale (LightX2V) or <layer>.scale_weight (ComfyUI) next to "
-            "each quantized weight; use the bf16/fp16 release, or a LightX2V int8/fp8 or ComfyUI scaled-fp8 file."
+            f"{source}: {len(unscaled)} quantized tensor(s) without a scale: {described}"
+            f"{' ...' if len(unscaled) > 3 else ''}. Their values reach the 8-bit range a scale maps (or they are "
+            "int8, or mixed with scaled layers), so the scales were lost; casting them without their scales gives "
+            "garbage, so x2v refuses. Expected <layer>.weight_scale (LightX2V) or <layer>.scale_weight (ComfyUI) "
+            "next to each quantized weight; use the bf16/fp16 release, or a LightX2V int8/fp8 or ComfyUI scaled-fp8 "
+            "file."
         )
     if doubly_scaled:
         raise CheckpointError(
@@ -288,6 +307,16 @@ def detect_encoding(tensors: dict[str, torch.Tensor], source: str = "checkpoint"
             "writes this mix, so x2v will not guess which runtime's scaling applies. Use the file as published."
         )
     return Encoding(ENCODINGS[layout], weight_kind, granularity, scale_name, tuple(layers))
+
+
+def plain_fp8_cast(tensors: dict[str, torch.Tensor], unscaled: list[str]) -> bool:
+    """Whether unscaled 8-bit weights are bf16 values cast straight to fp8 (scale 1): fp8 ``.weight`` tensors only,
+    no ComfyUI scaled-fp8 marker, and sampled weights that stay far below the fp8 maximum a scale would reach."""
+    if MARKER in tensors or not all(k.endswith(".weight") and WEIGHT_KINDS[tensors[k].dtype] == "fp8"
+                                    for k in unscaled):
+        return False
+    sample = unscaled[:PLAIN_FP8_SAMPLES]
+    return all(tensors[k].float().abs().amax() < PLAIN_FP8_MAX for k in sample)
 
 
 def _accepts(family: tuple[str, str], encoding: Encoding) -> bool:

@@ -87,17 +87,17 @@ def dequantize(
     Other tensors pass through untouched (no copy). Weights whose name contains one of ``keep_fp32`` are
     dequantized to float32 instead of ``dtype`` (the model keeps them in float32).
     """
-    scales = {f"{layer}.weight": f"{layer}.{encoding.scale_name}" for layer in encoding.layers}
+    scales = {f"{layer}.weight": encoding.scale_of(tensors, layer) for layer in encoding.layers}
     mappings = FileMappings()
     result = {}
     for key, tensor in without_scales(tensors, encoding).items():
         layer = key.removesuffix(".weight")
         if layer in keep_quantized:
-            result[f"{layer}.weight_scale"] = per_channel_scale(tensors[scales[key]], tensor.shape[0])
+            result[f"{layer}.weight_scale"] = per_channel_scale(scales[key], tensor.shape[0])
         elif key in scales:
             target = torch.float32 if any(s in key for s in keep_fp32) else dtype
             pages = mappings.pages(tensor)
-            tensor = dequantize_weight(tensor, tensors[scales[key]], target, device)
+            tensor = dequantize_weight(tensor, scales[key], target, device)
             release_pages(pages)  # the file's copy of this weight is no longer needed in memory
         result[key] = tensor
     return result

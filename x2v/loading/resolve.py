@@ -110,11 +110,20 @@ def dit_candidates(directory: Path) -> list[Path]:
     if (directory / "non_block.safetensors").is_file():
         return [directory]
     indexes = sorted(directory.glob("*.safetensors.index.json"))
-    sharded = {p for i in indexes for p in directory.glob(i.name.removesuffix(".index.json").replace(
-        ".safetensors", "-*.safetensors"))}
+    sharded = {p for index in indexes for p in indexed_files(index)}
     singles = [p for p in sorted(directory.glob("*.safetensors")) if p not in sharded and is_dit_safetensors(p)]
     pickles = [p for p in sorted(directory.glob("*.pt")) + sorted(directory.glob("distill_model.pth"))]
     return indexes + singles + pickles
+
+
+def indexed_files(index: Path) -> list[Path]:
+    """The shards an index names, whatever their names (LightX2V's converter writes ``<name>_part1.safetensors``
+    ...); for an index that cannot be read, the official ``-NNNNN-of-NNNNN`` names (loading it says what is wrong)."""
+    try:
+        return index_shard_files(index)
+    except CheckpointError:
+        return list(index.parent.glob(index.name.removesuffix(".index.json").replace(".safetensors",
+                                                                                       "-*.safetensors")))
 
 
 def find_dit_file(directory: Path, choose_keys: str) -> Found:
@@ -261,8 +270,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.name.endswith(CHECKPOINT_SUFFIXES))
-    if any(f.name.endswith(".index.json") for f in files):
-        files = [f for f in files if not SHARD.search(f.name)]
+    indexes = [f for f in files if f.name.endswith(".index.json")]
+    if indexes:
+        shards = {p for index in indexes for p in indexed_files(index)}
+        files = [f for f in files if f not in shards and not SHARD.search(f.name)]
     return files
 
 
