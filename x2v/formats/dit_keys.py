@@ -275,12 +275,13 @@ def config_problems(fields: dict) -> list[str]:
     """What is wrong with a config.json's architecture fields: types, ranges, heads that do not divide the width."""
     problems = []
     for field, value in fields.items():
-        low, high = CONFIG_RANGES.get(field, (1, 65536)) if field != "eps" else (None, None)
         if field == "eps":
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not EPS_RANGE[0] < value < EPS_RANGE[1]:
                 problems.append(f"eps must be a number between {EPS_RANGE[0]} and {EPS_RANGE[1]} (the releases: "
                                 f"1e-6), got {value!r}")
-        elif not _is_int(value) or not low <= value <= high:
+            continue
+        low, high = CONFIG_RANGES.get(field, (1, 65536))
+        if not _is_int(value) or not low <= value <= high:
             problems.append(f"{field} must be an integer from {low} to {high}, got {value!r}")
     heads, dim = fields.get("num_heads"), fields.get("dim")
     if not problems and heads is not None and dim is not None and dim % heads:

@@ -309,6 +309,11 @@ SOLVERS = ("unipc", "dpm++", "distill")
 SCHEDULER_TYPES = {"WanScheduler": "unipc", "WanStepDistillScheduler": "distill"}
 
 
+def scheduler_solver(scheduler_type: Any) -> str | None:
+    """The sample_solver a LightX2V ``scheduler_type`` means; None for a value x2v does not know (of any type)."""
+    return SCHEDULER_TYPES.get(scheduler_type) if isinstance(scheduler_type, str) else None
+
+
 def is_known(key: str) -> bool:
     return key in KNOWN_KEYS or key.endswith("_setting")
 

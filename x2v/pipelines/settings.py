@@ -36,7 +36,7 @@ from x2v.ops.attention import KERNELS, NOT_IMPLEMENTED, TORCH_SDPA
 from x2v.pipelines import config as tables
 from x2v.pipelines.config import (
     ALIASES, IGNORED_KEYS, LOAD_KEYS, RENAMED, SAMPLING_KEYS, SCHEDULER_TYPES, check_task, default_negative_prompt,
-    defaults, guide_scales, is_known, model_class, raise_problems, suggest, validate,
+    defaults, guide_scales, is_known, model_class, raise_problems, scheduler_solver, suggest, validate,
 )
 from x2v.ops.sequence_parallel import KINDS as SEQUENCE_PARALLEL_KINDS
 from x2v.runtime.offload import GRANULARITIES, OffloadConfig
@@ -365,10 +365,9 @@ def _attention(values: Mapping, origins: Mapping, problems: list[str]) -> Attent
     return AttentionSettings(*types, compile=_flag(values, origins, "use_compile", False, problems))
 
 
-# The parallel block's keys: x2v's name -> (LightX2V key, default).
-PARALLEL_KEYS = {"seq_size": ("seq_p_size", 1), "seq_attention": ("seq_p_attn_type", "ulysses"),
-                 "cfg_size": ("cfg_p_size", 1), "vae_parallel": ("vae_parallel", False), "fsdp": ("fsdp", False),
-                 "timeout_s": ("timeout_s", 1800.0)}
+# The parallel block's keys: ParallelConfig field -> LightX2V key (the defaults are ParallelConfig's).
+PARALLEL_KEYS = {"seq_size": "seq_p_size", "seq_attention": "seq_p_attn_type", "cfg_size": "cfg_p_size",
+                 "vae_parallel": "vae_parallel", "fsdp": "fsdp", "timeout_s": "timeout_s"}
 # LightX2V's other parallel keys: key -> (does this value ask for something?, why x2v does not act on it).
 PARALLEL_IGNORED = {
     "tensor_p_size": (lambda v: v != 1, "tensor parallelism is not implemented; fsdp true shards the DiT's weights"),
@@ -387,17 +386,18 @@ def _parallel(values: Mapping, origins: Mapping, problems: list[str], warnings: 
         problems.append(f"parallel must be an object like {{\"seq_p_size\": 4, \"seq_p_attn_type\": \"ulysses\", "
                         f"\"cfg_p_size\": 2}}, got {block!r} ({where})")
         return ParallelConfig()
-    known = {key for key, _ in PARALLEL_KEYS.values()}
+    known = set(PARALLEL_KEYS.values())
     for key, value in block.items():
         if key in PARALLEL_IGNORED and PARALLEL_IGNORED[key][0](value):
             warnings.append(f"parallel.{key} = {json.dumps(value)} is ignored: {PARALLEL_IGNORED[key][1]} ({where})")
         elif key not in known and key not in PARALLEL_IGNORED:
             warnings.append(f"unknown key parallel.{key}{suggest(key, [*known]) or ' (ignored)'} ({where})")
-    fields = {name: block.get(key, default) for name, (key, default) in PARALLEL_KEYS.items()}
+    defaults = ParallelConfig()
+    fields = {name: block.get(key, getattr(defaults, name)) for name, key in PARALLEL_KEYS.items()}
     for name in ("seq_size", "cfg_size"):
         value = fields[name]
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"parallel.{PARALLEL_KEYS[name][0]} must be a positive integer, got {value!r} ({where})")
+            problems.append(f"parallel.{PARALLEL_KEYS[name]} must be a positive integer, got {value!r} ({where})")
             fields[name] = 1
     if fields["cfg_size"] > 2:
         problems.append(f"parallel.cfg_p_size must be 1 or 2 (the conditional and unconditional passes), got "
@@ -412,7 +412,7 @@ def _parallel(values: Mapping, origins: Mapping, problems: list[str], warnings: 
     timeout = fields["timeout_s"]
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
         problems.append(f"parallel.timeout_s must be a positive number of seconds, got {timeout!r} ({where})")
-        fields["timeout_s"] = PARALLEL_KEYS["timeout_s"][1]
+        fields["timeout_s"] = defaults.timeout_s
     if fields["fsdp"] is True and values.get("cpu_offload"):
         problems.append("parallel.fsdp shards the DiT's weights over the GPUs; cpu_offload moves them to the host: "
                         "use one of them")
@@ -499,10 +499,9 @@ def _derive(values: dict[str, Any], origins: dict[str, str], levels: dict[str, i
     if not values.get("negative_prompt"):  # official: an empty negative prompt means the default one
         values["negative_prompt"] = default_negative_prompt(values["model_cls"], values["task"])
         origins["negative_prompt"], levels["negative_prompt"] = "default", DEFAULT
-    scheduler_type = values.get("scheduler_type")
-    if isinstance(scheduler_type, str) and scheduler_type in SCHEDULER_TYPES and level("scheduler_type") > level(
-            "sample_solver"):
-        values["sample_solver"] = SCHEDULER_TYPES[scheduler_type]
+    solver = scheduler_solver(values.get("scheduler_type"))
+    if solver is not None and level("scheduler_type") > level("sample_solver"):
+        values["sample_solver"] = solver
         origins["sample_solver"] = "derived from scheduler_type"
     steps = values.get("denoising_step_list")
     if values["sample_solver"] == "distill" and isinstance(steps, list) and level("denoising_step_list") > level(
@@ -537,7 +536,7 @@ def _complete(user: Settings, model_cls: str, task: str, model_layers: tuple[Lay
             warnings.append(f"{layer.label}: 'boundary_step_index' only applies to wan2.2_moe_distill; ignored for "
                             f"{model_cls}")
     scheduler_type = values.get("scheduler_type")
-    if scheduler_type is not None and not (isinstance(scheduler_type, str) and scheduler_type in SCHEDULER_TYPES):
+    if scheduler_type is not None and scheduler_solver(scheduler_type) is None:
         warnings.append(f"scheduler_type {json.dumps(scheduler_type)} ({origins['scheduler_type']}) is not one x2v "
                         f"knows ({', '.join(SCHEDULER_TYPES)}); ignored, sample_solver is "
                         f"'{values['sample_solver']}'")
