@@ -1,6 +1,11 @@
 import os
+import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests import ckpt_utils directly
 
@@ -46,3 +51,41 @@ def fuzz_report(line: str) -> None:
 def pytest_terminal_summary(terminalreporter):
     for line in FUZZ_LINES:
         terminalreporter.write_line(line)
+
+
+# A real redis-server for the service's queue tests (tests/test_server_queue.py, tests/test_server.py).
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throwaway redis-server on a free loopback port, without persistence; its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server is not on PATH: install Debian's redis-server package (apt-get install redis-server)")
+    try:
+        import redis
+    except ImportError:
+        pytest.fail("the redis Python package is missing: pip install redis")
+    from serving import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"redis-server on port {port} did not answer PING (exit code {process.poll()})")
+                time.sleep(0.02)
+        yield url
+    finally:
+        client.close()
+        process.terminate()
+        process.wait(timeout=10)

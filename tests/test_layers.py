@@ -1,6 +1,6 @@
 """The package's import direction, read from its source: face -> pipelines / convert -> loading -> runtime ->
 formats; models and ops are leaves. Every ``import`` counts, also those inside functions (they are the ones that
-hide a cycle)."""
+hide a cycle). A package's ``__main__`` (``python -m x2v.server``) is an entry point: the face."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def layer_of(module: str) -> str:
     """``x2v.loading.dit`` -> "loading"; the package root and its other top-level modules (demo, infer) are the
     face, and so is anything imported from the root (``from x2v import load_dit``)."""
     parts = module.split(".")
+    if parts[-1] == "__main__":  # an entry point (python -m x2v.server) is the face
+        return "face"
     return parts[1] if len(parts) > 1 and parts[1] in ALLOWED else "face"
 
 

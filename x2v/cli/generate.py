@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Flags that are not settings: where to run, how much to say.
-NOT_SETTINGS = ("device", "config_json", "verbose", "func", "command", "cache_dir")
+NOT_SETTINGS = ("device", "config_json", "verbose", "func", "command", "cache_dir", "prompt_file", "batch_size")
 DEFAULT_OUTPUT = "output.mp4"
 
 
@@ -32,6 +32,12 @@ def add_generate_arguments(parser: argparse.ArgumentParser, *, model_path: bool 
     inputs = parser.add_argument_group("inputs")
     inputs.add_argument("--prompt", help="what the video shows" +
                         (f" (default: {default_prompt!r})" if default_prompt else " (required)"))
+    inputs.add_argument("--prompt_file", metavar="FILE",
+                        help="one prompt per line (blank lines and lines starting with # skipped): one video each, "
+                             "named <save_result_path stem>-<n>.mp4, denoised --batch_size at a time")
+    inputs.add_argument("--batch_size", type=int, default=4, metavar="N",
+                        help="with --prompt_file: videos denoised together (default 4); each is the video its "
+                             "prompt alone gives")
     inputs.add_argument("--negative_prompt", help="what it must not show (default: the task's official one)")
     inputs.add_argument("--image_path", help="first frame (i2v, flf2v, TI2V image-to-video)")
     inputs.add_argument("--last_frame_path", help="last frame (flf2v)")
@@ -75,7 +81,8 @@ def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] 
         fallback["model_path"] = default_model()
         if main:
             print(f"no --model_path: the tiny random-weight demo model in {fallback['model_path']}")
-    if settings.get("prompt") is None:
+    prompts = read_prompt_file(args.prompt_file) if getattr(args, "prompt_file", None) else None
+    if settings.get("prompt") is None and prompts is None:
         if default_prompt is None:
             raise ValueError("no prompt: say what the video shows with --prompt \"...\" (or the config key prompt)")
         fallback["prompt"] = default_prompt
@@ -87,6 +94,34 @@ def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] 
         say(layout.describe(), flush=True)
     pipe = Pipeline.load(settings, device=args.device, layout=layout)
     say(f"model: {pipe.model_cls}, task {pipe.task}, {len(pipe.dits)} DiT(s) on {pipe.device}")
-    output = None if settings.get("save_result_path") else default_output
-    say(pipe.generate(save_result_path=output).report())
+    output = settings.get("save_result_path") or default_output
+    if prompts is None:
+        say(pipe.generate(save_result_path=None if settings.get("save_result_path") else output).report())
+        return 0
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be 1 or more, got {args.batch_size}")
+    paths = numbered_paths(Path(output), len(prompts))
+    for start in range(0, len(prompts), args.batch_size):
+        part = slice(start, start + args.batch_size)
+        for result in pipe.generate(prompts[part], save_result_path=paths[part]):
+            say(result.report())
     return 0
+
+
+def read_prompt_file(path: str) -> list[str]:
+    """The prompts of ``--prompt_file``: one per line, blank lines and ``#`` comments skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--prompt_file {path}: cannot be read ({e}); give a UTF-8 text file, one prompt per line"
+                         ) from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"--prompt_file {path}: no prompt in it; write one prompt per line")
+    return prompts
+
+
+def numbered_paths(path: Path, count: int) -> list[Path]:
+    """``out.mp4`` -> ``out-1.mp4`` ... ``out-<count>.mp4`` (numbers padded to one width, so they sort)."""
+    width = len(str(count))
+    return [path.with_name(f"{path.stem}-{i:0{width}d}{path.suffix or '.mp4'}") for i in range(1, count + 1)]

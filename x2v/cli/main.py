@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from x2v.cli.generate import add_generate_arguments, run_generate
+from x2v.cli.serve import add_serve_arguments, serve
 
 DEFAULT_CACHE = Path(os.environ.get("X2V_CACHE", Path.home() / ".cache" / "x2v"))
 DEMO_PROMPT = "a red car on a city street at night"
@@ -125,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("generate", help="generate a video (LightX2V's flags; python -m x2v.infer takes the same)")
     add_generate_arguments(p)
     p.set_defaults(func=generate)
+    p = sub.add_parser("serve", help="an HTTP service: durable queue, web page, batching, workers on many GPUs "
+                                     "(python -m x2v.server takes the same flags; docs/server.md)")
+    add_serve_arguments(p)
+    p.set_defaults(func=serve)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 

@@ -11,14 +11,16 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from x2v.errors import CheckpointError, ConfigError, X2VError
+from x2v.errors import CheckpointError, ConfigError, X2VError, first_line
 from x2v.formats import jsonc
 from x2v.formats.dit_keys import check_task
 from x2v.formats.metadata import HIGH_NOISE as HIGH, LOW_NOISE as LOW
@@ -251,63 +253,144 @@ class Pipeline:
 
     # --- generation -------------------------------------------------------------------------------------------
 
-    def generate(self, prompt: str | None = None, *, negative_prompt: str | None = None, image=None, last_image=None,
-                 src_video=None, src_mask=None, src_ref_images=None, seed: int | None = None,
-                 save_result_path: str | Path | None = None, progress: bool = True, **overrides) -> GenerationResult:
+    def generate(self, prompt: str | list[str] | None = None, *, negative_prompt: str | None = None, image=None,
+                 last_image=None, src_video=None, src_mask=None, src_ref_images=None, seed: int | list[int] | None = None,
+                 save_result_path: str | Path | list | None = None, progress: bool = True,
+                 on_progress: ProgressCallback | None = None, **overrides) -> GenerationResult | list[GenerationResult]:
         """One video. ``image`` / ``last_image``: path, PIL image, uint8 array or [3, H, W] tensor in [-1, 1];
         ``src_video`` / ``src_mask`` (VACE): mp4 paths or tensors ``[3, F, H, W]`` / ``[F, H, W]`` (1 = generate);
         ``src_ref_images`` (VACE): a list of images the video should contain. Inputs left out come from the settings
         (``prompt``, ``image_path``, ``last_frame_path``, ``src_video``, ...), as LightX2V's command line gives them.
         ``overrides`` are per-request settings (``infer_steps``, ``target_video_length`` / ``num_frames``,
-        ``sample_guide_scale``...), checked as a config file's are. Same seed and inputs give the same video."""
-        request = {"prompt": prompt, "negative_prompt": negative_prompt, "seed": seed,
-                   "save_result_path": save_result_path, **overrides}
-        s = self.settings.for_request(request)
+        ``sample_guide_scale``...), checked as a config file's are. Same seed and inputs give the same video.
+
+        ``prompt`` a list: one video per prompt, denoised as one batch, returned as a list; ``seed`` and
+        ``save_result_path`` are then lists of the same length (one seed is used for every prompt). Each video is
+        the one a single call with its prompt and seed makes. ``on_progress(phase, step, steps)`` is called as the
+        work goes on (phases: encode, denoise, decode and save); returning True stops at the next step
+        (``Cancelled``)."""
+        batch = isinstance(prompt, (list, tuple))
+        prompts = list(prompt) if batch else [prompt]
+        seeds, paths = (per_prompt(value, len(prompts), name) for value, name in
+                        ((seed, "seed"), (save_result_path, "save_result_path")))
+        shared = {"negative_prompt": negative_prompt, "image": image, "last_image": last_image, "src_video": src_video,
+                  "src_mask": src_mask, "src_ref_images": src_ref_images, **overrides}
+        requests = [{**shared, "prompt": p, "seed": s, "save_result_path": path}
+                    for p, s, path in zip(prompts, seeds, paths)]
+        results = self.generate_batch(requests, progress=progress, on_progress=on_progress)
+        return results if batch else results[0]
+
+    def generate_batch(self, requests: list[Mapping[str, Any]], *, progress: bool = True,
+                       on_progress: ProgressCallback | None = None) -> list[GenerationResult]:
+        """One video per request (a mapping of ``generate``'s keywords: ``prompt``, ``seed``, ``image``, settings
+        such as ``infer_steps``...). Requests with the same latent shape and sampling schedule are denoised
+        together, each with its own prompt, seed, guidance and inputs; the results are those of single calls."""
+        if not requests:
+            return []
+        report = on_progress or (lambda phase, step, steps: False)
+        prepared = [self.prepare_request(request) for request in requests]
+        timings = {"load": self.load_seconds} if self.load_seconds else {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with torch.inference_mode():
+            encoded = []
+            for i, item in enumerate(prepared):
+                # Rank 0 encodes the prompts and inputs and draws the noise; every rank then starts from the same.
+                if self.main:
+                    report("encode", i, len(prepared))
+                inputs = self.encode_or_share(item, timings)
+                encoded.append(inputs)
+            groups: dict[tuple, list[int]] = {}
+            for i, (item, inputs) in enumerate(zip(prepared, encoded)):
+                groups.setdefault(batch_signature(item.settings.sampling, inputs), []).append(i)
+            latents: dict[int, torch.Tensor] = {}
+            total = sum(prepared[members[0]].settings.sampling.steps for members in groups.values())
+            done = 0
+            for members in groups.values():
+                stop = self.stop_check(report, done, total)
+                with timed(timings, "denoise", self.device), self.offload.denoising():
+                    out = self.denoise([prepared[i].settings.sampling for i in members],
+                                       stack_inputs([encoded[i] for i in members]), progress, stop)
+                latents.update(zip(members, out.unbind(0)))
+                done += prepared[members[0]].settings.sampling.steps
+            results = []
+            for i, item in enumerate(prepared):  # one video at a time on the device
+                report("decode", i, len(prepared))
+                results.append(self.finish(item, latents.pop(i), encoded[i], timings))
+        return results
+
+    def finish(self, item: Prepared, latents: torch.Tensor, inputs: dict, timings: dict) -> GenerationResult:
+        """Decode one request's latents, check the video and write its mp4 (rank 0)."""
+        if not torch.isfinite(latents).all():
+            raise X2VError(f"the denoised latents hold NaN or infinite values, so the video would be black; "
+                           f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
+        output = item.settings.output
+        with timed(timings, "decode", self.device):
+            # VACE reference images are extra latent frames in front; they are not part of the video.
+            video = self.decode(latents[None, :, inputs.get("ref_frames", 0):].float(), output.tiled_vae)
+        if video.amin() == video.amax():
+            raise X2VError(f"every pixel of the video came out {float(video.amin()):+.3f} (a constant video); "
+                           f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
+        video = video.cpu()
+        result = GenerationResult(to_uint8_frames(video), output.fps, video, inputs["seed"], timings=dict(timings),
+                                  peak_memory_bytes=peak_memory(self.device))
+        if output.save_path and self.main:
+            with timed(result.timings, "save", self.device):
+                result.path = write_mp4(result.frames, output.save_path, result.fps)
+        return result
+
+    def prepare_request(self, request: Mapping[str, Any]) -> Prepared:
+        """A request's settings and inputs, checked before any compute: prompt, memory, output path."""
+        inputs = {key: request.get(key) for key in INPUT_KEYWORDS}
+        s = self.settings.for_request({key: v for key, v in request.items() if key not in INPUT_KEYWORDS})
         for warning in s.warnings:
             log.warning(warning)
         prompt = s.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError("no prompt: say what the video shows (--prompt \"...\", generate(\"...\") or the "
                               "config key prompt)")
-        sampling, output = s.sampling, s.output
+        output = s.output
         self.check_fits(output)
         if output.save_path and self.main:  # before the compute, not after it
             check_output_path(output.save_path, output.frames, output.height, output.width)
-        timings = {"load": self.load_seconds} if self.load_seconds else {}
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        refs = s.get("src_ref_images") if src_ref_images is None else src_ref_images
+        refs = s.get("src_ref_images") if inputs["src_ref_images"] is None else inputs["src_ref_images"]
         if isinstance(refs, str):  # LightX2V's flag: comma-separated paths
             refs = [path for path in refs.split(",") if path]
-        images = (s.get("image_path") if image is None else image,
-                  s.get("last_frame_path") if last_image is None else last_image)
-        vace_sources = (s.get("src_video") if src_video is None else src_video,
-                        s.get("src_mask") if src_mask is None else src_mask, refs or [])
-        with torch.inference_mode():
-            # Rank 0 encodes the prompts and inputs and draws the noise; every rank then starts from the same.
-            inputs = self.encode_inputs(prompt, sampling, output, images, vace_sources, timings) if self.main else None
+        images = (s.get("image_path") if inputs["image"] is None else inputs["image"],
+                  s.get("last_frame_path") if inputs["last_image"] is None else inputs["last_image"])
+        vace_sources = (s.get("src_video") if inputs["src_video"] is None else inputs["src_video"],
+                        s.get("src_mask") if inputs["src_mask"] is None else inputs["src_mask"], refs or [])
+        return Prepared(s, prompt, images, vace_sources)
+
+    def encode_or_share(self, item: Prepared, timings: dict) -> dict:
+        """``encode_inputs`` on rank 0, shared with every rank; a failure there (a bad image...) is raised on every
+        rank, so that none waits for inputs that will not come."""
+        inputs = None
+        if self.main:
+            try:
+                inputs = self.encode_inputs(item, timings)
+            except Exception as error:
+                if self.layout is not None:
+                    self.layout.share({"failed": first_line(error)})
+                raise
+        if self.layout is None:
+            return inputs
+        with timed(timings, "share inputs", self.device):
+            inputs = self.layout.share(inputs)
+        if "failed" in inputs:
+            raise X2VError(f"rank 0 could not encode the inputs: {inputs['failed']}")
+        return inputs
+
+    def stop_check(self, report: ProgressCallback, done: int, total: int) -> Callable[[int], None]:
+        """``stop(step)`` for the denoising loop: reports progress and raises ``Cancelled`` on every rank when the
+        callback (rank 0's) asks to stop."""
+        def stop(step: int) -> None:
+            wanted = bool(report("denoise", done + step, total)) if self.main else False
             if self.layout is not None:
-                with timed(timings, "share inputs", self.device):
-                    inputs = self.layout.share(inputs)
-            contexts = [inputs.pop(key) for key in ("cond", "uncond") if key in inputs]
-            seed, noise = inputs.pop("seed"), inputs.pop("noise")
-            with timed(timings, "denoise", self.device), self.offload.denoising():
-                latents = self.denoise(sampling, inputs, contexts, noise, progress)
-            if not torch.isfinite(latents).all():
-                raise X2VError(f"the denoised latents hold NaN or infinite values, so the video would be black; "
-                               f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
-            with timed(timings, "decode", self.device):
-                # VACE reference images are extra latent frames in front; they are not part of the video.
-                video = self.decode(latents[:, :, inputs.get("ref_frames", 0):].float(), output.tiled_vae)
-            if video.amin() == video.amax():
-                raise X2VError(f"every pixel of the video came out {float(video.amin()):+.3f} (a constant video); "
-                               f"nothing was written. Usual causes: {NON_FINITE_CAUSES}")
-        result = GenerationResult(to_uint8_frames(video), output.fps, video.cpu(), seed, timings=timings,
-                                  peak_memory_bytes=peak_memory(self.device))
-        if output.save_path and self.main:
-            with timed(timings, "save", self.device):
-                result.path = write_mp4(result.frames, output.save_path, result.fps)
-        return result
+                wanted = self.layout.share({"stop": wanted} if self.main else None)["stop"]
+            if wanted:
+                raise Cancelled("stopped on request")
+        return stop
 
     def check_fits(self, output: OutputSettings) -> None:
         """Refuse a size whose activations alone exceed the device's memory, before allocating any of it."""
@@ -324,15 +407,15 @@ class Pipeline:
                               f"{total / 2**30:.1f} GiB. Lower target_height / target_width / target_video_length "
                               "(or split the tokens over more GPUs: README, Many GPUs)")
 
-    def encode_inputs(self, prompt: str, sampling: SamplingSettings, output: OutputSettings, images, vace_sources,
-                      timings: dict) -> dict:
+    def encode_inputs(self, item: Prepared, timings: dict) -> dict:
         """What the denoising loop starts from: the umT5 states of the prompt (``cond``) and of the negative prompt
         (``uncond``, with CFG), the DiT's conditioning (``prepare_inputs``), the seed and the initial ``noise``."""
+        sampling, output = item.settings.sampling, item.settings.output
         with timed(timings, "text encode", self.device):
-            prompts = [prompt] + ([sampling.negative_prompt] if sampling.cfg else [])
+            prompts = [item.prompt] + ([sampling.negative_prompt] if sampling.cfg else [])
             ids, mask = self.tokenizer(prompts)
             contexts = trim_to_lengths(self.text_encoder(ids.to(self.device), mask.to(self.device)), mask)
-        inputs = self.prepare_inputs(output, *images, vace_sources, timings)
+        inputs = self.prepare_inputs(output, *item.images, item.vace_sources, timings)
         seed = sampling.seed if sampling.seed >= 0 else int(torch.randint(0, 2**31 - 1, ()).item())
         noise_device = self.device if sampling.noise_device == "device" else torch.device(sampling.noise_device)
         generator = torch.Generator(noise_device).manual_seed(seed)
@@ -434,18 +517,22 @@ class Pipeline:
                 model.to("cpu")
         return self.dits[name].to(self.device)
 
-    def denoise(self, s: SamplingSettings, inputs: dict, contexts: list[torch.Tensor], x: torch.Tensor,
-                progress: bool) -> torch.Tensor:
-        """Latents from ``x``, the initial noise."""
+    def denoise(self, samplings: list[SamplingSettings], batch: dict, progress: bool,
+                stop: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Latents ``[B, ...]`` from ``batch`` (``stack_inputs``: the initial noise, contexts and conditioning of
+        B requests that share one schedule, ``samplings`` theirs). ``stop(step)`` runs before every step."""
+        s = samplings[0]
         steps = list(s.denoising_steps) if s.denoising_steps else None
         scheduler = make_scheduler(s.solver, None if steps else s.steps, s.shift, denoising_step_list=steps)
-        scales = s.guide_scales
-        first_latent = inputs.get("first_latent")
+        x, contexts = batch["noise"], batch["contexts"]
+        scales = {expert: torch.tensor([p.guide_scales[expert] for p in samplings], device=self.device)
+                  .view(-1, 1, 1, 1, 1) for expert in ("high", "low")}
+        first_latent = batch.get("first_latent")
         if first_latent is not None:
             keep = torch.ones_like(x)
             keep[:, :, 0] = 0  # TI2V: latent frame 0 is the image, kept fixed
             x = (1 - keep) * first_latent + keep * x
-        extra = {k: inputs[k] for k in ("y", "clip_fea", "vace_context") if k in inputs}
+        extra = {k: batch[k] for k in ("y", "clip_fea", "vace_context") if k in batch}
         steps = list(enumerate(scheduler.timesteps))
         if progress and self.main:
             from tqdm import tqdm
@@ -453,6 +540,8 @@ class Pipeline:
             steps = tqdm(steps, desc="denoise", unit="step")
         active = None
         for i, t in steps:
+            if stop is not None:
+                stop(i)
             name = self.expert_for(s, i, t)
             if name != active:
                 dit, active = self.activate(name), name
@@ -461,20 +550,70 @@ class Pipeline:
             timestep = t.reshape(1).to(self.device)
             if first_latent is not None:
                 timestep = cond.per_token_timesteps(timestep, keep[0, 0])
+            timestep = timestep.expand(x.shape[0], *timestep.shape[1:])
             velocity = self.velocity(dit, x, timestep, contexts, extra, scales["high" if name == HIGH else "low"])
             x = scheduler.step(velocity, i, x)
             if first_latent is not None:
                 x = (1 - keep) * first_latent + keep * x
         return x
 
-    def velocity(self, dit, x, timestep, contexts: list[torch.Tensor], extra: dict, scale: float) -> torch.Tensor:
-        """The DiT's velocity, guided when there are two contexts (classifier-free guidance): both passes here, or
-        (``cfg_p_size`` 2) this rank's and the other CFG rank's."""
+    def velocity(self, dit, x, timestep, contexts: list[list[torch.Tensor]], extra: dict,
+                 scale: torch.Tensor) -> torch.Tensor:
+        """The DiT's velocity, guided when there are two context lists (classifier-free guidance: the prompts',
+        the negative prompts'): both passes here, or (``cfg_p_size`` 2) this rank's and the other CFG rank's.
+        ``scale``: each sample's guidance scale, ``[B, 1, 1, 1, 1]``."""
         if len(contexts) == 1:
-            return dit(x, timestep, contexts, **extra)
+            return dit(x, timestep, contexts[0], **extra)
         if self.layout is not None and self.layout.config.cfg_size == 2:
-            mine = self.layout.cfg_rank
-            cond, uncond = self.layout.cfg_pair(dit(x, timestep, contexts[mine:mine + 1], **extra))
+            cond, uncond = self.layout.cfg_pair(dit(x, timestep, contexts[self.layout.cfg_rank], **extra))
         else:
-            cond, uncond = (dit(x, timestep, [context], **extra) for context in contexts)
+            cond, uncond = (dit(x, timestep, context, **extra) for context in contexts)
         return uncond + scale * (cond - uncond)
+
+
+# Keywords of generate() that are inputs (images, videos), not settings.
+INPUT_KEYWORDS = ("image", "last_image", "src_video", "src_mask", "src_ref_images")
+
+# on_progress(phase, step, steps) -> True to stop
+ProgressCallback = Callable[[str, int, int], Any]
+
+
+class Cancelled(X2VError):
+    """generate() stopped because its ``on_progress`` callback asked it to."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One request of a generate call, its settings resolved and checked."""
+
+    settings: Settings
+    prompt: str
+    images: tuple  # (first frame, last frame)
+    vace_sources: tuple  # (src_video, src_mask, reference images)
+
+
+def per_prompt(value, count: int, name: str) -> list:
+    """``value`` for each of ``count`` prompts: a list of that length, or one value for all."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} entries for {count} prompts; give one per prompt, or one value")
+        return list(value)
+    return [value] * count
+
+
+def batch_signature(s: SamplingSettings, inputs: dict) -> tuple:
+    """Requests with equal signatures can be denoised as one batch: the same schedule, the same latent and
+    conditioning shapes (prompts, seeds, guidance scales and inputs may differ)."""
+    shapes = tuple(sorted((key, tuple(v.shape)) for key, v in inputs.items()
+                          if isinstance(v, torch.Tensor) and key not in ("cond", "uncond")))
+    return (s.solver, s.steps, s.shift, s.cfg, s.denoising_steps, s.boundary, s.boundary_step,
+            inputs.get("ref_frames", 0), shapes)
+
+
+def stack_inputs(encoded: list[dict]) -> dict:
+    """The encoded inputs of several requests as one batch: tensors concatenated on the batch dimension, the
+    contexts as lists (their lengths differ; the DiT pads them)."""
+    batch = {key: torch.cat([inputs[key] for inputs in encoded]) for key in
+             ("noise", "y", "clip_fea", "vace_context", "first_latent") if key in encoded[0]}
+    batch["contexts"] = [[inputs[key] for inputs in encoded] for key in ("cond", "uncond") if key in encoded[0]]
+    return batch

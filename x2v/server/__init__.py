@@ -1,0 +1,1 @@
+"""x2v serve: the HTTP service, its task queue and its workers."""
