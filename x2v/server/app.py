@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 
 from x2v.server.queue import FINAL, STATES, QueueFull, Task, TaskExists, TaskQueue
 from x2v.server.schema import FILE_ID, Limits, VideoRequest, batch_key
-from x2v.server.worker import UPLOADS, Worker, WorkerStats
+from x2v.server.worker import DEFAULT_RESULT_NAME, UPLOADS, Worker, WorkerStats
 
 log = logging.getLogger(__name__)
 
@@ -113,12 +113,12 @@ def create_app(service: Service) -> FastAPI:
         stored = request.model_dump(exclude_unset=True, exclude={"target_shape", "use_prompt_enhancer", "reuse",
                                                                   "presigned_url"})
         task_id = stored.pop("task_id", None)
-        for name in ("image_path", "last_frame_path"):
+        if stored.get("lora_name"):
+            check_lora(service, stored["lora_name"])
+        for name in ("image_path", "last_frame_path"):  # stored last: a request refused above leaves no file
             value = stored.pop(name, None)
             if value:
                 stored[name] = stored_image(service, name, value)
-        if stored.get("lora_name"):
-            check_lora(service, stored["lora_name"])
         try:
             task = service.queue.submit(stored, batch_key(stored), max_size=service.max_queue_size, task_id=task_id)
         except QueueFull as error:
@@ -127,7 +127,7 @@ def create_app(service: Service) -> FastAPI:
             raise api_error(409, "task_id", str(error)) from None
         metrics.submitted.inc()
         return {"task_id": task.id, "task_status": task.state,
-                "save_result_path": stored.get("save_result_path", "video.mp4")}
+                "save_result_path": stored.get("save_result_path", DEFAULT_RESULT_NAME)}
 
     async def json_body(request: Request) -> dict:
         try:
@@ -334,7 +334,7 @@ def status_of(task: Task) -> dict:
     return {"task_id": task.id, "status": task.state, "task_status": task.state, "created_at": task.created_at,
             "started_at": task.started_at, "finished_at": task.finished_at, "attempts": task.attempts,
             "worker": task.worker,
-            "error": task.error, "save_result_path": task.request.get("save_result_path", "video.mp4"),
+            "error": task.error, "save_result_path": task.request.get("save_result_path", DEFAULT_RESULT_NAME),
             "result_url": f"/v1/tasks/{task.id}/result" if task.state == "completed" else None,
             "progress": progress, "request": task.request}
 

@@ -35,8 +35,6 @@ class WorkerStats:
     busy: bool = False
     batches: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # final state -> tasks
-    run_seconds: list[float] = field(default_factory=list)  # per batch, the last 1000
-    batch_sizes: list[int] = field(default_factory=list)
 
 
 def result_file(data_dir: Path, task: Task) -> Path:
@@ -133,7 +131,6 @@ class Worker:
         """Run ``tasks`` as one batch; a batch that fails is run again one task at a time, so that each task gets
         its own error (and the others their videos)."""
         self.held, self.stats.busy = [t.id for t in tasks], True
-        start = time.perf_counter()
         try:
             self._run(tasks)
         except Cancelled:
@@ -149,8 +146,6 @@ class Worker:
         finally:
             self.held, self.stats.busy = [], False
         self.stats.batches += 1
-        self.stats.batch_sizes = [*self.stats.batch_sizes[-999:], len(tasks)]
-        self.stats.run_seconds = [*self.stats.run_seconds[-999:], time.perf_counter() - start]
 
     def _run(self, tasks: list[Task]) -> None:
         first = tasks[0].request  # a batch shares its LoRA (schema.BATCH_FIELDS)
