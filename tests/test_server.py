@@ -387,7 +387,9 @@ def test_invalid_requests_get_422_naming_the_field(api, fields, field_name, mess
 
 def test_api_key_is_needed_everywhere_but_health_and_the_page(api):
     assert httpx.get(f"{api.url}/health").status_code == 200
-    assert httpx.get(f"{api.url}/").status_code == 200
+    page = httpx.get(f"{api.url}/")
+    assert page.status_code == 200 and "<form" in page.text
+    assert not re.search(r"(https?:)?//[\w.-]+\.[a-z]", page.text)  # nothing fetched from outside the machine
     for method, path in [("GET", "/v1/tasks/"), ("GET", "/v1/tasks/queue/status"), ("GET", "/v1/service/status"),
                          ("GET", "/metrics"), ("POST", "/v1/tasks/video"), ("DELETE", "/v1/tasks/x"),
                          ("GET", "/v1/tasks/x/result")]:
