@@ -252,6 +252,8 @@ def test_generate_takes_a_list_of_prompts(models, tmp_path):
     assert [r.seed for r in same_seed] == [5, 5]
     with pytest.raises(ValueError, match="seed has 3 entries for 2 prompts"):
         pipe.generate(["a cat", "a dog"], seed=[1, 2, 3], progress=False)
+    with pytest.raises(ValueError, match="several videos of one call would be written to"):
+        pipe.generate(["a cat", "a dog"], save_result_path=tmp_path / "one.mp4", progress=False)
 
 
 def test_requests_of_different_sizes_run_in_one_call(models):

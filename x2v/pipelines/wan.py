@@ -289,6 +289,11 @@ class Pipeline:
             return []
         report = on_progress or (lambda phase, step, steps: False)
         prepared = [self.prepare_request(request) for request in requests]
+        paths = [item.settings.output.save_path for item in prepared if item.settings.output.save_path]
+        shared = next((path for path in paths if paths.count(path) > 1), None)
+        if shared is not None:
+            raise ConfigError(f"several videos of one call would be written to {shared}: give each prompt its own "
+                              "save_result_path (a list, one per prompt)")
         timings = {"load": self.load_seconds} if self.load_seconds else {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
