@@ -249,13 +249,20 @@ def test_scheme_declarations():
         check_scheme(fp8, "fp8", True, "f")
 
 
-@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp8", "gguf-Q4_K_M", "fp8-b128-deepgemm", "W-int4-group128-sym-Marlin"])
+@pytest.mark.parametrize("scheme", ["nvfp4", "mxfp8", "fp8-b128-deepgemm", "W-int4-group128-sym-Marlin"])
 def test_unsupported_scheme_lists_supported_ones(scheme):
     fp8 = detect_encoding(small_file("lightx2v-fp8"))
     with pytest.raises(UnsupportedModelError,
                        match=rf"f: dit_quant_scheme '{scheme}' .*recognized but not supported yet.*"
                              r"Supported: Default, fp8-vllm, int8-vllm.*dit_quant_scheme fp8-vllm"):
         check_scheme(fp8, scheme, True, "f")
+
+
+def test_a_gguf_scheme_on_another_file_is_a_contradiction():
+    fp8 = detect_encoding(small_file("lightx2v-fp8"))
+    with pytest.raises(CheckpointError, match="f: dit_quant_scheme 'gguf-Q4_K_M' names a GGUF file, but .*Point "
+                                              "dit_quantized_ckpt at the .gguf file"):
+        check_scheme(fp8, "gguf-Q4_K_M", True, "f")
 
 
 # --- fp8 without scales: plain casts (scale 1) vs scaled files that lost their scales ------------------------------

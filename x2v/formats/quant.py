@@ -91,6 +91,9 @@ def scheme_families(component: str) -> dict[str, tuple[str, str] | None]:
 
 GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_S", "Q5_K_M", "Q5_0", "Q5_1", "Q4_K_S", "Q4_K_M", "Q4_0", "Q4_1", "Q3_K_S",
               "Q3_K_M", "BF16")
+# LightX2V's GGUF schemes (and x2v's for the other types it reads): they name a GGUF file's type, which x2v reads
+# from the file itself (x2v.loading.gguf); on another file they are a contradiction.
+GGUF_SCHEMES = ("W-gguf-Q4_K", *(f"gguf-{t}" for t in (*GGUF_TYPES, "Q5_K", "Q4_K", "Q3_K", "Q2_K", "F16")))
 
 # Schemes LightX2V knows whose weight layouts x2v cannot read yet -> what they hold.
 UNSUPPORTED_SCHEMES: dict[str, str] = {
@@ -100,8 +103,6 @@ UNSUPPORTED_SCHEMES: dict[str, str] = {
     "mxfp6-mxfp8": "MXFP6 weights with e8m0 block scales",
     "mxfp8": "MXFP8 weights with e8m0 block scales",
     "int4-g128-marlin": "int4 group-128 weights (Marlin)",
-    "W-gguf-Q4_K": "a GGUF file (legacy name)",
-    **{f"gguf-{t}": "a GGUF file" for t in GGUF_TYPES},
 }
 
 # LightX2V's names before Oct 2025 (config key mm_config.mm_type) -> today's dit_quant_scheme.
@@ -359,6 +360,9 @@ def check_scheme(encoding: Encoding, declared_scheme: str | None, quantized: boo
     holds, fix = _holds(encoding), _fix(encoding, component)
     families = scheme_families(component)
     scheme = LEGACY_SCHEMES.get(declared_scheme, declared_scheme)
+    if scheme in GGUF_SCHEMES:
+        raise CheckpointError(f"{source}: {component}_quant_scheme '{declared_scheme}' names a GGUF file, but {holds}. "
+                              f"Point {component}_quantized_ckpt at the .gguf file, or: {fix}.")
     if scheme in UNSUPPORTED_SCHEMES:
         raise UnsupportedModelError(
             f"{source}: {component}_quant_scheme '{declared_scheme}' ({UNSUPPORTED_SCHEMES[scheme]}) is recognized "

@@ -18,13 +18,14 @@ from x2v.formats import clip_keys, dit_keys, t5_keys, vae_keys
 from x2v.formats.dit_keys import supported_tasks, variant_name
 from x2v.formats.metadata import from_metadata
 from x2v.formats.quant import without_scales
-from x2v.formats.readers import index_shard_files, read_checkpoint
+from x2v.formats.readers import index_shard_files
 from x2v.loading.components import COMPONENTS
 from x2v.loading.load import Plan, compute_dtype, plan
 from x2v.loading.quantized import quantized_linears
 from x2v.loading.resolve import Found, Sources, checkpoint_metadata, resolve_component, resolve_dit
 from x2v.loading.weights import non_finite, target_dtype, weight_problems
 from x2v.ops.quant_linear import replace_linears
+from x2v.loading.gguf import keep_packed, packed_types, read_weights, stored_kind
 
 
 @dataclass
@@ -53,14 +54,16 @@ def container(path: Path) -> str:
         return "block-split safetensors folder"
     if path.name.endswith(".index.json"):
         return f"sharded safetensors ({len(checkpoint_files(path))} shards + index)"
-    return "single safetensors" if path.suffix == ".safetensors" else "PyTorch pickle (.pth, read with weights_only)"
+    if path.suffix == ".safetensors":
+        return "single safetensors"
+    return "GGUF" if path.suffix.lower() == ".gguf" else "PyTorch pickle (.pth, read with weights_only)"
 
 
 def file_facts(report: ComponentReport) -> None:
     """Container, counts, dtypes and bytes on disk of the component's file (memory-mapped, not read)."""
     path = report.found.path
-    tensors = read_checkpoint(path)
-    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+    tensors = read_weights(path)
+    dtypes = Counter(stored_kind(t) for t in tensors.values())
     report.facts.update(
         container=container(path),
         key_layout=KEY_LAYOUTS[report.component](tensors, str(path)),
@@ -93,6 +96,9 @@ def memory_at(model: torch.nn.Module, dtype: torch.dtype, keep_fp32: tuple[str, 
 
 
 def describe_quantization(planned: Plan, component: str) -> str:
+    types = packed_types(planned.tensors)
+    if types:
+        return f"GGUF {', '.join(sorted(types))} (linear layers keep their blocks and dequantize as they run)"
     if planned.encoding.quantized:
         return f"{planned.encoding.name} ({planned.encoding.family}; linear layers run 8-bit)"
     if planned.quantize_kind:
@@ -133,7 +139,9 @@ def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Source
     model = planned.build()
     report.problems += weight_problems(model.state_dict(), without_scales(planned.tensors, planned.encoding),
                                        component.describe(planned.architecture))
-    if component.quantizable:
+    if packed_types(planned.tensors):
+        keep_packed(model, planned.tensors, dtype, component.keep_fp32)
+    elif component.quantizable:
         layers, kind = quantized_linears(model, planned.tensors, planned.encoding, planned.quantize_kind,
                                          component.name, component.keep_fp32)
         replace_linears(model, layers, kind, dtype)

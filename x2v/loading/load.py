@@ -21,9 +21,9 @@ from torch import nn
 from x2v.errors import CheckpointError
 from x2v.formats.keys import summarize_keys
 from x2v.formats.quant import FLOAT, Encoding, scheme_kind
-from x2v.formats.readers import read_checkpoint
 from x2v.formats.tokenizer import WanTokenizer
 from x2v.loading.components import COMPONENTS, Component, with_overrides
+from x2v.loading.gguf import check_gguf_scheme, is_gguf, keep_packed, read_weights
 from x2v.loading.quantized import prepare_quantized, read_quantization
 from x2v.loading.resolve import Quantization, find_in_folder
 from x2v.loading.weights import assign_weights, build_on_meta
@@ -70,12 +70,15 @@ def plan(component: Component, checkpoint: Path, quantization: Quantization = Qu
     """Read ``checkpoint``'s header: official names, architecture (``architecture`` replaces what the shapes say,
     ``overrides`` changes some of its fields), encoding checked against ``quantization``."""
     source = str(checkpoint)
-    tensors = component.to_official(read_checkpoint(checkpoint), source)
+    packed = is_gguf(checkpoint)
+    tensors = component.to_official(read_weights(checkpoint), source)
     config = with_overrides(architecture or component.architecture(tensors, checkpoint), overrides)
     default_dtype = component.default_dtype(tensors)
     tensors = component.used(tensors, config)
     encoding, quantize_kind = FLOAT, None
-    if component.quantizable:
+    if packed:  # GGUF: its blocks stay as they are (materialize); a declared scheme must name its type
+        check_gguf_scheme(tensors, quantization, source, component.name)
+    elif component.quantizable:
         encoding, quantize_kind = read_quantization(tensors, source, component.name, quantization.quantized,
                                                     quantization.scheme)
     return Plan(component, checkpoint, tensors, config, encoding, quantize_kind, default_dtype)
@@ -111,7 +114,8 @@ def materialize(plan: Plan, *, dtype: torch.dtype | None, device: torch.device |
     log_quantization(plan, dtype)
     component = plan.component
     model = plan.build()
-    tensors = prepare_quantized(model, plan.tensors, plan.encoding, quantize_kind=plan.quantize_kind,
+    tensors = keep_packed(model, plan.tensors, dtype, component.keep_fp32)
+    tensors = prepare_quantized(model, tensors, plan.encoding, quantize_kind=plan.quantize_kind,
                                 component=component.name, dtype=dtype, device=device, keep_fp32=component.keep_fp32,
                                 delta=delta)
     return assign_weights(model, tensors, dtype=dtype, device=device, keep_fp32=component.keep_fp32,

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from x2v.errors import CheckpointError
+from x2v.errors import CheckpointError, UnsupportedModelError
 from x2v.formats.dit_keys import variant_name
 from x2v.formats.lora_keys import (
     ALPHA, LONE_ALPHA, UNRECOGNIZED, LoraTarget, alpha_value, check_supported, describe_skipped, group_by_target,
@@ -37,6 +37,7 @@ from x2v.formats.metadata import EXPERTS
 from x2v.formats.readers import read_checkpoint
 from x2v.loading.weights import check_finite, has_non_finite
 from x2v.models.wan_dit import WanDiTConfig
+from x2v.ops.gguf_linear import GgufLinear
 from x2v.runtime.lora_branches import (
     ATTACHED, Term, add_delta, attach_terms, attached_loras, detach_loras, owner, set_lora_strength,
 )
@@ -333,5 +334,9 @@ def apply_loras(model: nn.Module, entries: list, *, dynamic: bool = False, stric
     mine = entries_for_expert(entries, expert)
     if not mine:
         return []
+    if any(isinstance(module, GgufLinear) for module in model.modules()):
+        raise UnsupportedModelError(f"{mine[0].path}: LoRAs on a GGUF model are not supported yet (its layers hold "
+                                    "GGUF blocks); merge the LoRA into a float or 8-bit checkpoint with x2v convert "
+                                    "--lora, or load a non-GGUF file")
     apply = attach_loras if dynamic else merge_loras
     return apply(model, mine, strict=strict, description=describe_model(model, expert))

@@ -20,6 +20,7 @@ from x2v.formats.metadata import EXPERT_METADATA_KEY, EXPERT_SHORT, EXPERTS, LOW
 from x2v.formats.quant import scheme_kind
 from x2v.formats.readers import index_shard_files, read_safetensors_header, safetensors_metadata
 from x2v.loading.components import COMPONENTS, EXPERT_FILE_KEYS, Component, config_json_beside
+from x2v.loading.gguf import is_dit_gguf
 
 OFFICIAL_DIT_STEM = "diffusion_pytorch_model"
 # LightX2V's hub layout before Oct 2025; still on users' disks.
@@ -113,7 +114,8 @@ def dit_candidates(directory: Path) -> list[Path]:
     sharded = {p for index in indexes for p in indexed_files(index)}
     singles = [p for p in sorted(directory.glob("*.safetensors")) if p not in sharded and is_dit_safetensors(p)]
     pickles = [p for p in sorted(directory.glob("*.pt")) + sorted(directory.glob("distill_model.pth"))]
-    return indexes + singles + pickles
+    ggufs = [p for p in sorted(directory.glob("*.gguf")) if is_dit_gguf(p)]
+    return indexes + singles + pickles + ggufs
 
 
 def indexed_files(index: Path) -> list[Path]:
@@ -130,7 +132,7 @@ def find_dit_file(directory: Path, choose_keys: str) -> Found:
     """The one DiT checkpoint of ``directory``; several are an error, never a merge (docs/pitfalls.md A01)."""
     candidates = dit_candidates(directory)
     found = one_candidate(directory, candidates, "DiT", f"{OFFICIAL_DIT_STEM}*.safetensors with its index, one "
-                          ".safetensors file, or non_block.safetensors + block_N.safetensors", choose_keys)
+                          ".safetensors or .gguf file, or non_block.safetensors + block_N.safetensors", choose_keys)
     what = "block-split folder" if found == directory else "the only DiT checkpoint"
     return Found(found, f"{what} in {directory}")
 

@@ -26,6 +26,7 @@ from torch import nn
 from x2v.errors import first_line
 from x2v.ops.fused import fused_enabled, fused_on_gpu, is_bare
 from x2v.ops.quant_math import QMAX, QUANT_DTYPES, dequantize_weight
+from x2v.ops.gguf_linear import GgufLinear
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def shares_quantized_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bo
 
 def input_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a linear layer computes in (a quantized layer's weight dtype is its storage, not its compute)."""
-    return layer.compute_dtype if isinstance(layer, QuantLinear) else layer.weight.dtype
+    return layer.compute_dtype if isinstance(layer, (QuantLinear, GgufLinear)) else layer.weight.dtype
 
 
 def replace_linears(model: nn.Module, names: list[str], kind: str, compute_dtype: torch.dtype) -> None:

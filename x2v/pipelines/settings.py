@@ -28,7 +28,7 @@ from typing import Any
 
 from x2v.errors import ConfigError
 from x2v.formats import jsonc
-from x2v.formats.quant import LEGACY_SCHEMES, UNSUPPORTED_SCHEMES, scheme_families
+from x2v.formats.quant import GGUF_SCHEMES, LEGACY_SCHEMES, UNSUPPORTED_SCHEMES, scheme_families
 from x2v.loading.components import COMPONENTS, FILE_KEYS
 from x2v.loading.lora import LoraEntry
 from x2v.loading.resolve import Quantization, Sources
@@ -306,7 +306,7 @@ def _sources(values: Mapping, origins: Mapping, moe: bool, problems: list[str]) 
         flag, scheme_key = f"{component}_quantized", f"{component}_quant_scheme"
         quantized = _flag(values, origins, flag, None, problems)
         scheme = values.get(scheme_key)
-        known = [*scheme_families(component), *UNSUPPORTED_SCHEMES, *LEGACY_SCHEMES]
+        known = [*scheme_families(component), *UNSUPPORTED_SCHEMES, *LEGACY_SCHEMES, *GGUF_SCHEMES]
         if scheme is not None and scheme not in known:
             problems.append(f"{scheme_key} {scheme!r} is unknown{suggest(str(scheme), known)} ({origins[scheme_key]});"
                             f" use one of {', '.join(scheme_families(component))}")
