@@ -178,3 +178,30 @@ def test_convert_turns_a_gguf_file_into_float_safetensors(tmp_path):
     packed, plain = (x2v.load_dit(p, dtype=torch.float32) for p in (path, tmp_path / "float.safetensors"))
     with torch.inference_mode():
         torch.testing.assert_close(packed(*inputs()), plain(*inputs()), rtol=0, atol=0)
+
+
+def test_fuzz_corrupt_gguf_files_end_in_a_named_error_or_a_load(tmp_path):
+    """Truncations and flipped bytes (header, names, shapes, metadata): a CheckpointError naming the file, or a
+    model that loads; never another exception."""
+    import random
+
+    from conftest import fuzz_report
+
+    source = tmp_path / "base.gguf"
+    write_gguf(source, "Q4_0")
+    data, rng, seed = source.read_bytes(), random.Random(11), 11
+    outcomes: dict[str, int] = {}
+    for case in range(80):
+        corrupt = bytearray(data[: rng.randrange(len(data))] if case % 2 else data)
+        for _ in range(0 if case % 2 else rng.randrange(1, 6)):
+            corrupt[rng.randrange(min(len(corrupt), 4000))] = rng.randrange(256)
+        path = tmp_path / f"case{case}.gguf"
+        path.write_bytes(bytes(corrupt))
+        try:
+            x2v.load_dit(path, dtype=torch.float32)
+            outcome = "loaded"
+        except CheckpointError as error:
+            assert str(path) in str(error)
+            outcome = "refused"
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+    fuzz_report(f"fuzz: 80 cases, seed {seed} (GGUF files: {outcomes})")

@@ -101,6 +101,10 @@ def _indices(keys, prefix: str) -> list[int]:
     return sorted({int(m.group(1)) for k in keys if (m := pattern.match(k))})
 
 
+# The tensors whose shapes give a DiT's architecture (besides patch_embedding and head.modulation).
+SHAPE_KEYS = ("head.head.weight", "blocks.0.ffn.0.weight", "text_embedding.0.weight", "time_embedding.0.weight")
+
+
 def infer_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
     """``WanDiTConfig`` fields (architecture and model type) of an official-named DiT state dict, from tensor shapes
     alone. The head count is not in the shapes: every release has head dim 128 (a ``config.json`` may say
@@ -121,6 +125,10 @@ def infer_architecture(tensors: dict[str, torch.Tensor], source: str = "checkpoi
     layers = _indices(keys, "blocks.")
     if not layers:
         raise CheckpointError(f"{source}: a Wan DiT without any blocks.N tensors; the file is incomplete.")
+    missing = [key for key in SHAPE_KEYS if key not in keys]
+    if missing:
+        raise CheckpointError(f"{source}: a Wan DiT without {', '.join(missing)}, whose shapes say its size; the file "
+                              "is incomplete or corrupt (download it again)")
     head_rows = tensors["head.head.weight"].shape[0]
     image_branch = "blocks.0.cross_attn.k_img.weight" in keys
     image_tokens = tensors["img_emb.emb_pos"].shape[1] if "img_emb.emb_pos" in keys else None

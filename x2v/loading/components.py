@@ -87,9 +87,11 @@ def dit_architecture(tensors: dict[str, torch.Tensor], checkpoint: Path) -> WanD
     return WanDiTConfig(**merged)
 
 
-def dit_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The checkpoint's own dtype, read from its largest kind of tensor (block linear weights)."""
-    return tensors["blocks.0.self_attn.q.weight"].dtype
+def dit_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The checkpoint's own dtype, read from its largest kind of tensor (block linear weights); None when that
+    tensor is missing (the weight check then names it)."""
+    weight = tensors.get("blocks.0.self_attn.q.weight")
+    return weight.dtype if weight is not None else None
 
 
 def t5_architecture(tensors: dict[str, torch.Tensor], checkpoint: Path) -> T5EncoderConfig:
