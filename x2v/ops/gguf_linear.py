@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from x2v.ops.gguf_quants import dequantize, ggml_type, row_bytes
+from x2v.ops.quant_linear import swap_linears
 
 
 class PackedTensor(torch.Tensor):
@@ -66,12 +67,5 @@ class GgufLinear(nn.Module):
 
 def replace_with_gguf(model: nn.Module, layers: dict[str, str], compute_dtype: torch.dtype) -> None:
     """Swap the ``nn.Linear`` modules named in ``layers`` (name -> ggml type) for empty ``GgufLinear`` (meta model)."""
-    for name, ggml in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        old = getattr(parent, child)
-        if not isinstance(old, nn.Linear):
-            raise TypeError(f"{name} is a {type(old).__name__}, not a linear layer")
-        with torch.device("meta"):
-            setattr(parent, child, GgufLinear(old.in_features, old.out_features, old.bias is not None, ggml,
-                                              compute_dtype))
+    swap_linears(model, layers, lambda name, old: GgufLinear(old.in_features, old.out_features, old.bias is not None,
+                                                             layers[name], compute_dtype))

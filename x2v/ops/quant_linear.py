@@ -26,7 +26,6 @@ from torch import nn
 from x2v.errors import first_line
 from x2v.ops.fused import fused_enabled, fused_on_gpu, is_bare
 from x2v.ops.quant_math import QMAX, QUANT_DTYPES, dequantize_weight
-from x2v.ops.gguf_linear import GgufLinear
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +211,18 @@ def shares_quantized_input(layers: tuple[nn.Module, ...], x: torch.Tensor) -> bo
 
 def input_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a linear layer computes in (a quantized layer's weight dtype is its storage, not its compute)."""
-    return layer.compute_dtype if isinstance(layer, (QuantLinear, GgufLinear)) else layer.weight.dtype
+    compute = getattr(layer, "compute_dtype", None)  # quantized layers (8-bit, GGUF) say it
+    return compute if compute is not None else layer.weight.dtype
 
 
 def replace_linears(model: nn.Module, names: list[str], kind: str, compute_dtype: torch.dtype) -> None:
     """Swap the ``nn.Linear`` modules at ``names`` (``blocks.0.ffn.0``...) for empty QuantLinears (meta model)."""
+    swap_linears(model, names, lambda name, old: QuantLinear(old.in_features, old.out_features, old.bias is not None,
+                                                             kind, compute_dtype))
+
+
+def swap_linears(model: nn.Module, names, make) -> None:
+    """Replace each ``nn.Linear`` named in ``names`` by ``make(name, old)``, built on the meta device."""
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -224,8 +230,7 @@ def replace_linears(model: nn.Module, names: list[str], kind: str, compute_dtype
         if not isinstance(old, nn.Linear):
             raise TypeError(f"{name} is a {type(old).__name__}, not a linear layer")
         with torch.device("meta"):
-            new = QuantLinear(old.in_features, old.out_features, old.bias is not None, kind, compute_dtype)
-        setattr(parent, child, new)
+            setattr(parent, child, make(name, old))
 
 
 def settle_quant_modes(model: nn.Module, device: torch.device | str) -> None:
