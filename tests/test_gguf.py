@@ -153,19 +153,35 @@ def test_unreadable_gguf_files_are_named_errors(tmp_path):
         x2v.load_dit(other)
 
 
-def test_a_lora_on_a_gguf_model_is_refused_not_ignored(tmp_path):
+def test_a_lora_runs_beside_gguf_layers_and_is_refused_for_merging(tmp_path):
     from x2v.errors import UnsupportedModelError
     from x2v.loading.lora import LoraEntry, apply_loras
+    from x2v.runtime.lora_branches import detach_loras
 
-    path = tmp_path / "wan-Q8_0.gguf"
-    write_gguf(path, "Q8_0")
-    model = x2v.load_dit(path, dtype=torch.float32)
+    path = tmp_path / "wan-Q4_K.gguf"
+    expected = write_gguf(path, "Q4_K")
+    save_file(expected, tmp_path / "reference.safetensors")
+    g = torch.Generator().manual_seed(5)
     lora = tmp_path / "lora.safetensors"
-    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.zeros(256, 4),
-               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.zeros(4, 256)}, lora)
-    for dynamic in (False, True):
-        with pytest.raises(UnsupportedModelError, match="LoRAs on a GGUF model are not supported yet"):
-            apply_loras(model, [LoraEntry.from_config({"path": str(lora)})], dynamic=dynamic)
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": 0.1 * torch.randn(256, 4, generator=g),
+               "diffusion_model.blocks.0.self_attn.q.lora_down.weight": 0.1 * torch.randn(4, 256, generator=g),
+               "diffusion_model.blocks.1.ffn.2.lora_up.weight": 0.1 * torch.randn(256, 4, generator=g),
+               "diffusion_model.blocks.1.ffn.2.lora_down.weight": 0.1 * torch.randn(4, 512, generator=g)}, lora)
+    entry = LoraEntry.from_config({"path": str(lora), "strength": 0.7})
+    packed, plain = (x2v.load_dit(p, dtype=torch.float32) for p in (path, tmp_path / "reference.safetensors"))
+    with torch.inference_mode():
+        before = packed(*inputs())
+    for model in (packed, plain):
+        [report] = apply_loras(model, [entry], dynamic=True)
+        assert report.matched == 4
+    with torch.inference_mode():
+        ours, theirs = packed(*inputs()), plain(*inputs())
+        torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=2e-5 * float(theirs.abs().max()))
+        assert not torch.allclose(ours, before)
+        detach_loras(packed)
+        torch.testing.assert_close(packed(*inputs()), before, rtol=0, atol=0)
+    with pytest.raises(UnsupportedModelError, match="cannot be merged into a GGUF model's blocks"):
+        apply_loras(packed, [entry], dynamic=False)
 
 
 def test_convert_turns_a_gguf_file_into_float_safetensors(tmp_path):

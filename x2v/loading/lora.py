@@ -263,7 +263,11 @@ def prepare_loras(entries: list[LoraEntry], target_shapes: dict[str, torch.Size]
 
 
 def target_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    return {key: tensor.shape for key, tensor in model.state_dict(keep_vars=True).items()}
+    """Every tensor a LoRA may change, by name: the model's, and the weights GGUF layers keep as blocks."""
+    shapes = {key: tensor.shape for key, tensor in model.state_dict(keep_vars=True).items()}
+    shapes.update({f"{name}.weight": torch.Size((module.out_features, module.in_features))
+                   for name, module in model.named_modules() if isinstance(module, GgufLinear)})
+    return shapes
 
 
 def describe_model(model: nn.Module, expert: str | None = None) -> str:
@@ -334,9 +338,9 @@ def apply_loras(model: nn.Module, entries: list, *, dynamic: bool = False, stric
     mine = entries_for_expert(entries, expert)
     if not mine:
         return []
-    if any(isinstance(module, GgufLinear) for module in model.modules()):
-        raise UnsupportedModelError(f"{mine[0].path}: LoRAs on a GGUF model are not supported yet (its layers hold "
-                                    "GGUF blocks); merge the LoRA into a float or 8-bit checkpoint with x2v convert "
-                                    "--lora, or load a non-GGUF file")
+    if not dynamic and any(isinstance(module, GgufLinear) for module in model.modules()):
+        raise UnsupportedModelError(f"{mine[0].path}: a LoRA cannot be merged into a GGUF model's blocks without "
+                                    "quantizing them again; set lora_dynamic_apply true (the LoRA then runs beside "
+                                    "the GGUF layers, as Pipeline.load_lora does)")
     apply = attach_loras if dynamic else merge_loras
     return apply(model, mine, strict=strict, description=describe_model(model, expert))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from x2v.ops.gguf_linear import GgufLinear
 from x2v.ops.quant_linear import QuantLinear, input_dtype
 from x2v.ops.quant_math import merge_rounding, quantize_weight
 
@@ -123,7 +124,8 @@ def _extend_branch(module: nn.Module, pairs: list[Term], state: AttachedLoras) -
     old = getattr(module, "lora_branch", None)
     if old is None:
         state.hooks[module] = module.register_forward_hook(_add_branch)
-    module.lora_branch = LoraBranch((old.pairs if old else []) + pairs, module.weight.device, input_dtype(module))
+    device = (module.packed if isinstance(module, GgufLinear) else module.weight).device
+    module.lora_branch = LoraBranch((old.pairs if old else []) + pairs, device, input_dtype(module))
 
 
 def _restore(module: nn.Module, name: str, original: torch.Tensor) -> None:
@@ -150,19 +152,28 @@ def _replace(model: nn.Module, key: str, state: AttachedLoras) -> None:
         state.originals.setdefault((module, replaced), original)
 
 
+def weight_keys(model: nn.Module) -> list[str]:
+    """``model``'s tensor names, with ``<layer>.weight`` for the GGUF layers (which store ``<layer>.packed``)."""
+    return [*model.state_dict(keep_vars=True),
+            *(f"{name}.weight" for name, module in model.named_modules() if isinstance(module, GgufLinear))]
+
+
 def attach_terms(model: nn.Module, changes: dict[str, list[Term]], reports: list) -> None:
     """Attach prepared LoRA changes (official key -> terms) on top of any already attached; the base weights stay
     as they are. Pairs on linear layers become a ``LoraBranch``; other changes (diffs, pairs on other layers)
     replace their tensor with the original kept for ``detach_loras``. ``reports`` (one per LoRA, with ``path`` and
     ``strength``) are kept for ``set_lora_strength`` and ``attached_loras``."""
     state = getattr(model, ATTACHED, None) or AttachedLoras()
-    for key in (k for k in model.state_dict(keep_vars=True) if k in changes):
+    for key in (k for k in weight_keys(model) if k in changes):
         module, name = owner(model, key)
-        branchable = name == "weight" and isinstance(module, (nn.Linear, QuantLinear))
+        branchable = name == "weight" and isinstance(module, (nn.Linear, QuantLinear, GgufLinear))
         pairs = [t for t in changes[key] if t.diff is None] if branchable else []
         if pairs:
             _extend_branch(module, pairs, state)
         rest = [t for t in changes[key] if not (branchable and t.diff is None)]
+        if rest and isinstance(module, GgufLinear):
+            raise ValueError(f"{rest[0].lora}: changes {key} by a full difference (.diff), which a GGUF layer cannot "
+                             "take without quantizing it again; use a LoRA of low-rank pairs, or a non-GGUF model")
         if rest:
             state.replaced.setdefault(key, []).extend(rest)
             _replace(model, key, state)
