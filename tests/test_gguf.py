@@ -221,3 +221,11 @@ def test_fuzz_corrupt_gguf_files_end_in_a_named_error_or_a_load(tmp_path):
             outcome = "refused"
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     fuzz_report(f"fuzz: 80 cases, seed {seed} (GGUF files: {outcomes})")
+
+
+def test_the_scheme_of_a_float_gguf_file_names_its_own_type(tmp_path):
+    path = tmp_path / "wan-BF16.gguf"
+    write_gguf(path, "BF16")
+    assert any(isinstance(m, torch.nn.Linear) for m in x2v.load_dit(path, quant_scheme="gguf-BF16").modules())
+    with pytest.raises(CheckpointError, match="this GGUF file holds BF16, F32 weights"):
+        x2v.load_dit(path, quant_scheme="gguf-Q8_0")

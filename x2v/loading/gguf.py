@@ -24,6 +24,7 @@ from x2v.ops.gguf_quants import GGML_TYPES, ggml_type, row_bytes
 MAGIC = b"GGUF"
 ORIG_SHAPE = "comfy.gguf.orig_shape."
 FLOAT_TYPES = ("F32", "F16", "BF16")  # stored as plain arrays
+FLOAT_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 def is_gguf(path: str | os.PathLike) -> bool:
@@ -122,12 +123,13 @@ def packed_types(tensors: dict[str, torch.Tensor]) -> set[str]:
 def check_gguf_scheme(tensors: dict[str, torch.Tensor], quantization, source: str, component: str) -> None:
     """LightX2V's ``<component>_quant_scheme: "gguf-<TYPE>"`` (``gguf-Q4_K_M``: the Q4_K family) must name a type
     the file holds; another scheme, or ``<component>_quantized: false``, contradicts a GGUF file."""
-    scheme, types = quantization.scheme, packed_types(tensors) or {"F16"}
-    held = ", ".join(sorted(types))
-    if quantization.quantized is False and packed_types(tensors):
+    packed = packed_types(tensors)
+    types = packed or {FLOAT_NAMES[tensor.dtype] for tensor in tensors.values() if tensor.dtype in FLOAT_NAMES}
+    held, scheme = ", ".join(sorted(types)), quantization.scheme
+    if quantization.quantized is False and packed:
         raise CheckpointError(f"{source}: a GGUF file with {held} weights, but {component}_quantized is false; set "
                               f"it true (or leave it out)")
-    if scheme is None or scheme == "Default" and not packed_types(tensors):
+    if scheme is None or scheme == "Default" and not packed:
         return
     wanted = scheme.removeprefix("W-").removeprefix("gguf-") if "gguf" in scheme else None
     if wanted is None or not any(wanted == t or wanted.startswith(f"{t}_") for t in types):
@@ -136,24 +138,32 @@ def check_gguf_scheme(tensors: dict[str, torch.Tensor], quantization, source: st
                               "from the file)")
 
 
-def keep_packed(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """The tensors to assign to ``model`` (built on meta) when some are GGUF blocks: the linears whose weight is
-    packed become ``GgufLinear`` holding those bytes (computing in ``dtype``, or float32 for the layers the model
-    keeps in float32); any other packed tensor is dequantized (float32)."""
-    if not packed_types(tensors):
-        return tensors
+def swap_packed_linears(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                        keep_fp32: tuple[str, ...] = ()) -> dict[str, str]:
+    """Make each linear of ``model`` (built on meta) whose weight ``tensors`` hold as GGUF blocks a ``GgufLinear``
+    computing in ``dtype`` (float32 for the layers the model keeps in float32); returns them (layer -> type)."""
     linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
     layers = {key.removesuffix(".weight"): tensor.ggml for key, tensor in tensors.items()
-              if isinstance(tensor, PackedTensor) and key.removesuffix(".weight") in linears and tensor.ndim == 2}
+              if isinstance(tensor, PackedTensor) and key.endswith(".weight") and tensor.ndim == 2
+              and key.removesuffix(".weight") in linears}
     for fp32 in (True, False):
         chosen = {name: ggml for name, ggml in layers.items() if any(s in name for s in keep_fp32) == fp32}
         replace_with_gguf(model, chosen, torch.float32 if fp32 else dtype)
+    return layers
+
+
+def keep_packed(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                keep_fp32: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors to assign to ``model`` (built on meta) when some are GGUF blocks: the linears whose weight is
+    packed become ``GgufLinear`` holding those bytes (``swap_packed_linears``); any other packed tensor is
+    dequantized (float32)."""
+    if not packed_types(tensors):
+        return tensors
+    layers = swap_packed_linears(model, tensors, dtype, keep_fp32)
     kept = {}
     for key, tensor in tensors.items():
-        layer = key.removesuffix(".weight")
-        if layer in layers and key.endswith(".weight"):
-            kept[f"{layer}.packed"] = tensor.packed
+        if key.endswith(".weight") and key.removesuffix(".weight") in layers:
+            kept[f"{key.removesuffix('.weight')}.packed"] = tensor.packed
         else:
             kept[key] = tensor.values() if isinstance(tensor, PackedTensor) else tensor
     return kept

@@ -25,7 +25,7 @@ from x2v.loading.quantized import quantized_linears
 from x2v.loading.resolve import Found, Sources, checkpoint_metadata, resolve_component, resolve_dit
 from x2v.loading.weights import non_finite, target_dtype, weight_problems
 from x2v.ops.quant_linear import replace_linears
-from x2v.loading.gguf import keep_packed, packed_types, read_weights, stored_kind
+from x2v.loading.gguf import packed_types, read_weights, stored_kind, swap_packed_linears
 
 
 @dataclass
@@ -140,7 +140,7 @@ def inspect_weights(report: ComponentReport, dtype: torch.dtype, sources: Source
     report.problems += weight_problems(model.state_dict(), without_scales(planned.tensors, planned.encoding),
                                        component.describe(planned.architecture))
     if packed_types(planned.tensors):
-        keep_packed(model, planned.tensors, dtype, component.keep_fp32)
+        swap_packed_linears(model, planned.tensors, dtype, component.keep_fp32)
     elif component.quantizable:
         layers, kind = quantized_linears(model, planned.tensors, planned.encoding, planned.quantize_kind,
                                          component.name, component.keep_fp32)

@@ -47,19 +47,14 @@ class GgufLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ggml: str, compute_dtype: torch.dtype):
         super().__init__()
+        kind = ggml_type(ggml)
         self.in_features, self.out_features = in_features, out_features
-        self.ggml, self.compute_dtype = ggml_type(ggml).name, compute_dtype
-        self.register_buffer("packed", torch.empty(out_features, row_bytes(ggml_type(ggml), in_features),
-                                                   dtype=torch.uint8))
+        self.ggml, self.compute_dtype = kind.name, compute_dtype
+        self.register_buffer("packed", torch.empty(out_features, row_bytes(kind, in_features), dtype=torch.uint8))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype)) if bias else None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.ggml}, compute {self.compute_dtype}"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight's values (dequantized now), for code that reads a linear layer's weight."""
-        return dequantize(self.packed, self.ggml, self.compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequantize(self.packed, self.ggml, x.dtype), self.bias)

@@ -267,8 +267,8 @@ class Pipeline:
         ``prompt`` a list: one video per prompt, denoised as one batch, returned as a list; ``seed`` and
         ``save_result_path`` are then lists of the same length (one seed is used for every prompt). Each video is
         the one a single call with its prompt and seed makes. ``on_progress(phase, step, steps)`` is called as the
-        work goes on (phases: encode, denoise, decode and save); returning True stops at the next step
-        (``Cancelled``)."""
+        work goes on (phases: encode, denoise, decode, which includes writing the mp4); returning True stops at the
+        next step (``Cancelled``)."""
         batch = isinstance(prompt, (list, tuple))
         prompts = list(prompt) if batch else [prompt]
         seeds, paths = (per_prompt(value, len(prompts), name) for value, name in
@@ -346,8 +346,9 @@ class Pipeline:
 
     def prepare_request(self, request: Mapping[str, Any]) -> Prepared:
         """A request's settings and inputs, checked before any compute: prompt, memory, output path."""
-        inputs = {key: request.get(key) for key in INPUT_KEYWORDS}
         s = self.settings.for_request({key: v for key, v in request.items() if key not in INPUT_KEYWORDS})
+        inputs = {key: s.get(setting) if request.get(key) is None else request[key]
+                  for key, setting in INPUT_KEYWORDS.items()}
         for warning in s.warnings:
             log.warning(warning)
         prompt = s.get("prompt")
@@ -358,14 +359,11 @@ class Pipeline:
         self.check_fits(output)
         if output.save_path and self.main:  # before the compute, not after it
             check_output_path(output.save_path, output.frames, output.height, output.width)
-        refs = s.get("src_ref_images") if inputs["src_ref_images"] is None else inputs["src_ref_images"]
+        refs = inputs["src_ref_images"]
         if isinstance(refs, str):  # LightX2V's flag: comma-separated paths
             refs = [path for path in refs.split(",") if path]
-        images = (s.get("image_path") if inputs["image"] is None else inputs["image"],
-                  s.get("last_frame_path") if inputs["last_image"] is None else inputs["last_image"])
-        vace_sources = (s.get("src_video") if inputs["src_video"] is None else inputs["src_video"],
-                        s.get("src_mask") if inputs["src_mask"] is None else inputs["src_mask"], refs or [])
-        return Prepared(s, prompt, images, vace_sources)
+        return Prepared(s, prompt, (inputs["image"], inputs["last_image"]),
+                        (inputs["src_video"], inputs["src_mask"], refs or []))
 
     def encode_or_share(self, item: Prepared, timings: dict) -> dict:
         """``encode_inputs`` on rank 0, shared with every rank; a failure there (a bad image...) is raised on every
@@ -576,8 +574,9 @@ class Pipeline:
         return uncond + scale * (cond - uncond)
 
 
-# Keywords of generate() that are inputs (images, videos), not settings.
-INPUT_KEYWORDS = ("image", "last_image", "src_video", "src_mask", "src_ref_images")
+# Keywords of generate() that are inputs (images, videos), not settings -> the setting that gives them when left out.
+INPUT_KEYWORDS = {"image": "image_path", "last_image": "last_frame_path", "src_video": "src_video",
+                  "src_mask": "src_mask", "src_ref_images": "src_ref_images"}
 
 # on_progress(phase, step, steps) -> True to stop
 ProgressCallback = Callable[[str, int, int], Any]
