@@ -36,8 +36,8 @@ def test_demo_model_is_written_once_and_carries_its_settings(tmp_path):
 
 def test_demo_command_writes_an_mp4(tmp_path):
     out = tmp_path / "demo.mp4"
-    assert main(["demo", "--cache-dir", str(tmp_path), "--target_video_length", "5", "--infer_steps", "1",
-                 "--save_result_path", str(out)]) == 0
+    assert main(["demo", "--random-weights", "--cache-dir", str(tmp_path), "--target_video_length", "5",
+                 "--infer_steps", "1", "--save_result_path", str(out)]) == 0
     frames, fps = read_mp4(out)
     assert frames.shape == (5, 128, 128, 3) and fps == 16
     assert not list(tmp_path.glob(".demo-*"))  # the temp file was renamed into place

@@ -1,9 +1,11 @@
-"""A tiny Wan2.1-style model directory with random weights, and a text-to-video run through it.
+"""The demo models: the trained tiny model shipped with x2v (``DEMO_MODEL``, written by tools/train_tiny.py, see
+docs/demo-model.md), and tiny model directories with random weights for every model class (the tests' models and
+``x2v demo --random-weights``).
 
-Everything the demo writes is in the official on-disk layout (sharded DiT safetensors + index + config.json,
-umT5 and VAE ``.pth`` files, a ``google/umt5-xxl/`` tokenizer folder), so the demo goes through exactly the
-loaders and the same pipeline a downloaded model uses. The weights are random: the video is noise, the run
-proves the plumbing.
+Both are in the official on-disk layout (sharded DiT safetensors + index + config.json, umT5 and VAE ``.pth``
+files, a ``google/umt5-xxl/`` tokenizer folder), so they go through exactly the loaders and the same pipeline a
+downloaded model uses. Random weights make noise and prove the plumbing; the trained model draws what its prompt
+says, within the little world it was trained on.
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ TINY_DITS = {
 }
 DEMO_WORDS = "a cat dog sits runs on the grass in sun rain city night street car red blue green".split()
 
+# The trained demo model (package data; written by tools/train_tiny.py)
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+
 
 def random_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]:
     """Random tensors for every entry of a (meta) model's state dict; norm gains near 1 keep activations sane."""
@@ -58,25 +63,30 @@ def random_weights(model: torch.nn.Module, seed: int) -> dict[str, torch.Tensor]
     return out
 
 
-def write_tokenizer(directory: Path, words: list[str] = DEMO_WORDS) -> None:
+def write_tokenizer(directory: Path, words: list[str] = DEMO_WORDS, forgiving: bool = False) -> None:
     """A word-level tokenizer with T5's special tokens (pad 0, EOS 1, unk 2, then ``words``), saved as a
-    HuggingFace tokenizer folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    HuggingFace tokenizer folder; ``forgiving``: it lowercases and drops punctuation first ("A red ball." reads
+    as "a red ball")."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if forgiving:
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(),
+                                                   normalizers.Replace(Regex(r"[^\w\s]"), " ")])
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     wrapped = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
     wrapped.save_pretrained(str(directory))
 
 
-def write_dit(directory: Path, config: WanDiTConfig, seed: int, sampling: dict | None = None) -> None:
+def write_dit(directory: Path, config: WanDiTConfig, seed: int, sampling: dict | None = None,
+              weights: dict[str, torch.Tensor] | None = None) -> None:
     """Official DiT layout: two safetensors shards, their index and config.json (with ``sampling`` keys, as
-    LightX2V's distributed models carry them)."""
+    LightX2V's distributed models carry them); ``weights`` (a trained state dict) or random ones from ``seed``."""
     directory.mkdir(parents=True, exist_ok=True)
-    dit = random_weights(build_on_meta(lambda: WanDiT(config)), seed=seed)
+    dit = weights if weights is not None else random_weights(build_on_meta(lambda: WanDiT(config)), seed=seed)
     names = list(dit)
     half = len(names) // 2
     weight_map = {}
@@ -147,3 +157,22 @@ def write_demo_model(cache_dir: Path) -> Path:
     if directory.is_dir():
         return directory
     return write_tiny_model(directory, "t2v", sampling=DEMO_SETTINGS)
+
+
+def unknown_words(model: Path, prompt: str) -> list[str]:
+    """The words of ``prompt`` that a word-level tokenizer (the demo models') reads as unknown; [] for others."""
+    from tokenizers import Tokenizer
+
+    path = Path(model) / "google" / "umt5-xxl" / "tokenizer.json"
+    if not path.is_file():
+        return []
+    tokenizer = Tokenizer.from_file(str(path))
+    unk = tokenizer.token_to_id("<unk>")
+    encoding = tokenizer.encode(prompt)
+    return [prompt[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == unk]
+
+
+def known_words(model: Path) -> list[str]:
+    """The words the demo model's tokenizer knows, in vocabulary order."""
+    vocab = json.loads((Path(model) / "google" / "umt5-xxl" / "tokenizer.json").read_text())["model"]["vocab"]
+    return [w for w, _ in sorted(vocab.items(), key=lambda item: item[1]) if not w.startswith("<")]

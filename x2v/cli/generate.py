@@ -23,7 +23,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser, *, model_path: bool 
     model = parser.add_argument_group("model")
     if model_path:
         model.add_argument("--model_path", help="model folder (official, diffusers or LightX2V layout) or DiT file; "
-                                                "without it: the tiny random-weight demo model")
+                                                "without it: the tiny trained demo model shipped with x2v")
     model.add_argument("--model_cls", help="wan2.1, wan2.1_distill, wan2.1_vace, wan2.2_moe, wan2.2_moe_distill, "
                                            "wan2.2 (default: read from the weights)")
     model.add_argument("--task", help="t2v, i2v, flf2v, vace (default: read from the weights)")
@@ -80,7 +80,7 @@ def run_generate(args: argparse.Namespace, *, default_model: Callable[[], Path] 
     if settings.model_path is None and not settings.sources.files and default_model is not None:
         fallback["model_path"] = default_model()
         if main:
-            print(f"no --model_path: the tiny random-weight demo model in {fallback['model_path']}")
+            print(f"no --model_path: the demo model in {fallback['model_path']}")
     prompts = read_prompt_file(args.prompt_file) if getattr(args, "prompt_file", None) else None
     if settings.get("prompt") is None and prompts is None:
         if default_prompt is None:

@@ -11,10 +11,21 @@ from x2v.cli.generate import add_generate_arguments, run_generate
 from x2v.cli.serve import add_serve_arguments, serve
 
 DEFAULT_CACHE = Path(os.environ.get("X2V_CACHE", Path.home() / ".cache" / "x2v"))
-DEMO_PROMPT = "a red car on a city street at night"
+DEMO_PROMPT = "a red ball moves to the right on a blue background"  # what the trained demo model was taught
+RANDOM_DEMO_PROMPT = "a red car on a city street at night"
 
 
-def demo_model(cache_dir: Path):
+def trained_demo_model() -> Path:
+    from x2v.demo import DEMO_MODEL
+    from x2v.errors import CheckpointError
+
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise CheckpointError(f"the trained demo model is missing from this x2v install (expected {DEMO_MODEL}); "
+                              f"reinstall x2v (pip install -e . from a checkout), or run x2v demo --random-weights")
+    return DEMO_MODEL
+
+
+def random_demo_model(cache_dir: Path):
     def write() -> Path:
         from x2v.demo import write_demo_model
 
@@ -24,13 +35,24 @@ def demo_model(cache_dir: Path):
 
 
 def demo(args: argparse.Namespace) -> int:
-    """``x2v generate`` on the tiny demo model (written once to the cache): same flags, same pipeline."""
-    return run_generate(args, default_model=demo_model(args.cache_dir), default_output="x2v_demo.mp4",
-                        default_prompt=DEMO_PROMPT)
+    """``x2v generate`` on a demo model: the trained tiny one shipped with x2v, or (``--random-weights``) a tiny
+    random-weight one written once to the cache. Same flags, same pipeline."""
+    if args.random_weights:
+        return run_generate(args, default_model=random_demo_model(args.cache_dir), default_output="x2v_demo.mp4",
+                            default_prompt=RANDOM_DEMO_PROMPT)
+    from x2v.demo import known_words, unknown_words
+
+    model = trained_demo_model()
+    prompt = args.prompt if args.prompt is not None else DEMO_PROMPT
+    unknown = unknown_words(model, prompt)
+    if unknown:
+        print(f"the demo model has never seen {', '.join(map(repr, unknown))}; it knows only: "
+              f"{' '.join(known_words(model))}")
+    return run_generate(args, default_model=lambda: model, default_output="x2v_demo.mp4", default_prompt=DEMO_PROMPT)
 
 
 def generate(args: argparse.Namespace) -> int:
-    return run_generate(args, default_model=demo_model(DEFAULT_CACHE))
+    return run_generate(args, default_model=trained_demo_model)
 
 
 def inspect(args: argparse.Namespace) -> int:
@@ -106,10 +128,12 @@ def add_convert_arguments(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="x2v", description="Load and run Wan2.1 / Wan2.2 video diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="text-to-video through a tiny random-weight model in the official layout "
-                                     "(the same flags as generate)")
+    p = sub.add_parser("demo", help="text-to-video through the tiny trained demo model shipped with x2v, in the "
+                                     "official layout (the same flags as generate; docs/demo-model.md)")
     add_generate_arguments(p, model_path=False, default_prompt=DEMO_PROMPT)
-    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where the demo model is written "
+    p.add_argument("--random-weights", action="store_true", help="a tiny random-weight model instead (noise: "
+                                                                 "proves the plumbing), written to --cache-dir")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help=f"where the random-weight model is written "
                                                                           f"(default: {DEFAULT_CACHE})")
     p.set_defaults(func=demo)
     p = sub.add_parser("inspect", help="what a model directory or file holds, and every problem with its fix")

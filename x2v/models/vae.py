@@ -313,13 +313,17 @@ class CausalVAE(nn.Module):
         return ((mu.float() - mean) / std).to(weight.dtype)
 
     def encode_mean(self, video: torch.Tensor) -> torch.Tensor:
-        """The encoder's mean (unnormalized latent), streaming over chunks of 1, 4, 4, ... frames."""
+        """The encoder's mean (unnormalized latent); its log-variance is unused at inference."""
+        return self.encode_moments(video)[:, :self.z_dim]
+
+    def encode_moments(self, video: torch.Tensor) -> torch.Tensor:
+        """mu | log_var (unnormalized) on channels, streaming over chunks of 1, 4, 4, ... frames."""
         x = self.to_encoder_input(video)
         step = self.stride[0]
         chunks = [x[:, :, :1]] + [x[:, :, i:i + step] for i in range(1, x.shape[2], step)]
         with streaming(self.encoder):
             features = torch.cat([self.encoder(chunk) for chunk in chunks], dim=2)
-        return self.conv1(features)[:, :self.z_dim]  # log_var is unused: the latent is the mean
+        return self.conv1(features)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, *, tiled: bool = False, tile: int | None = None,
