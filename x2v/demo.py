@@ -4,8 +4,8 @@ docs/demo-model.md), and tiny model directories with random weights for every mo
 
 Both are in the official on-disk layout (sharded DiT safetensors + index + config.json, umT5 and VAE ``.pth``
 files, a ``google/umt5-xxl/`` tokenizer folder), so they go through exactly the loaders and the same pipeline a
-downloaded model uses. Random weights make noise and prove the plumbing; the trained model draws what its prompt
-says, within the little world it was trained on.
+downloaded model uses. Random weights make noise and prove the plumbing; the trained model draws the colours its
+prompt asks for (not yet its motion: docs/demo-model.md).
 """
 
 from __future__ import annotations

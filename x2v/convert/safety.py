@@ -53,11 +53,13 @@ def same_file(path: Path, fd: int) -> bool:
 
 
 def lock_holder(fd: int) -> str:
-    try:
-        holder = json.loads(os.pread(fd, 4096, 0))
-        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "pid not yet recorded"  # it has just taken the lock
+    for _ in range(20):  # a holder that has just taken the lock writes its pid a moment later: wait up to 1 s
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0))
+            return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "pid not recorded"
 
 
 def record_holder(fd: int) -> None:
