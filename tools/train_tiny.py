@@ -181,6 +181,12 @@ def fold_latent_scale(vae: Wan21VAE, rng: np.random.Generator) -> None:
     log(f"vae: whole clips come back within {error:.1f} levels of 255 on average")
 
 
+def write_dit_and_t5(directory: Path, dit: WanDiT, t5: dict[str, torch.Tensor]) -> None:
+    write_dit(directory, DIT, 0, sampling=SETTINGS,
+              weights={k: v.detach().contiguous() for k, v in dit.state_dict().items()})
+    torch.save({k: v.bfloat16() for k, v in t5.items()}, directory / T5_FILE)
+
+
 # --- stage 2: the data, through the pipeline's own encoders ----------------------------------------------------
 
 def dit_init(config: WanDiTConfig, seed: int) -> WanDiT:
@@ -209,12 +215,9 @@ def dit_init(config: WanDiTConfig, seed: int) -> WanDiT:
 
 
 def write_model(directory: Path, vae: Wan21VAE, dit: WanDiT, seed: int) -> None:
-    """The official layout: DiT shards + index + config.json (with ``SETTINGS``), umT5 (bf16) and VAE ``.pth``
-    files, the ``google/umt5-xxl/`` tokenizer."""
-    write_dit(directory, DIT, seed, sampling=SETTINGS,
-              weights={k: v.detach().contiguous() for k, v in dit.state_dict().items()})
-    t5 = random_weights(build_on_meta(lambda: T5Encoder(DEMO_T5)), seed=seed + 2)
-    torch.save({k: v.bfloat16() for k, v in t5.items()}, directory / T5_FILE)
+    """The official layout: DiT shards + index + config.json (with ``SETTINGS``), umT5 (bf16, random: it trains
+    with the DiT) and VAE ``.pth`` files, the ``google/umt5-xxl/`` tokenizer."""
+    write_dit_and_t5(directory, dit, random_weights(build_on_meta(lambda: T5Encoder(DEMO_T5)), seed=seed + 2))
     torch.save(vae.state_dict(), directory / "Wan2.1_VAE.pth")
     write_tokenizer(directory / "google" / "umt5-xxl", vocabulary(), forgiving=True)
 
@@ -331,9 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         data = encode_data(pipe, plan, np.random.default_rng(args.seed + 1))  # the same with --vae
         log(f"encoded {len(data[0])} clips, {len(data[1]) - 1} captions")
         dit = train_dit(dit, pipe.text_encoder, data, plan, SETTINGS["sample_shift"], args.seed)
-        write_dit(work, DIT, args.seed, sampling=SETTINGS,
-                  weights={k: v.detach().contiguous() for k, v in dit.state_dict().items()})
-        torch.save({k: v.bfloat16() for k, v in pipe.text_encoder.state_dict().items()}, work / T5_FILE)
+        write_dit_and_t5(work, dit, pipe.text_encoder.state_dict())
         (work / "training.json").write_text(json.dumps(
             {"command": "python tools/train_tiny.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "seed": args.seed, "plan": plan.__dict__, "seconds": round(time.perf_counter() - started),

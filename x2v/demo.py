@@ -159,14 +159,19 @@ def write_demo_model(cache_dir: Path) -> Path:
     return write_tiny_model(directory, "t2v", sampling=DEMO_SETTINGS)
 
 
-def unknown_words(model: Path, prompt: str) -> list[str]:
-    """The words of ``prompt`` that a word-level tokenizer (the demo models') reads as unknown; [] for others."""
+def word_tokenizer(model: Path):
+    """The ``tokenizers`` object of a model folder's ``google/umt5-xxl/tokenizer.json``; None without one."""
     from tokenizers import Tokenizer
 
     path = Path(model) / "google" / "umt5-xxl" / "tokenizer.json"
-    if not path.is_file():
+    return Tokenizer.from_file(str(path)) if path.is_file() else None
+
+
+def unknown_words(model: Path, prompt: str) -> list[str]:
+    """The words of ``prompt`` that a word-level tokenizer (the demo models') reads as unknown; [] for others."""
+    tokenizer = word_tokenizer(model)
+    if tokenizer is None:
         return []
-    tokenizer = Tokenizer.from_file(str(path))
     unk = tokenizer.token_to_id("<unk>")
     encoding = tokenizer.encode(prompt)
     return [prompt[start:end] for token, (start, end) in zip(encoding.ids, encoding.offsets) if token == unk]
@@ -174,5 +179,5 @@ def unknown_words(model: Path, prompt: str) -> list[str]:
 
 def known_words(model: Path) -> list[str]:
     """The words the demo model's tokenizer knows, in vocabulary order."""
-    vocab = json.loads((Path(model) / "google" / "umt5-xxl" / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab = word_tokenizer(model).get_vocab()
     return [w for w, _ in sorted(vocab.items(), key=lambda item: item[1]) if not w.startswith("<")]
